@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Start, supervise and stop the whole mini-sglang process tree.
+
+    python launch.py                       # embedded SmolLM2-135M-Instruct on 127.0.0.1:8000
+    python launch.py --backend hf          # the plain Hugging Face baseline, same gateway
+    python launch.py --workers 2 --scheduler-mode cache_aware
+
+Every flag's default comes from the environment variable named in --help. The launcher starts the
+scheduler, tokenizer and workers, waits until each reports ready, then starts the gateway (so /health
+answering means the whole tree is up). A worker that dies is restarted and its in-flight requests end
+with an error event; any other child dying, Ctrl-C or SIGTERM stops the whole tree. Children die with
+the launcher even if it is killed with SIGKILL (PR_SET_PDEATHSIG), so nothing is left orphaned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import zmq
+
+REPO_ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from minisgl import ipc  # noqa: E402
+from minisgl.config import ServerConfig, add_config_flags, config_from_args  # noqa: E402
+from minisgl.messages import Codec, LauncherInMsg, ProcReady, WorkerDied  # noqa: E402
+
+log = logging.getLogger("minisgl.launch")
+
+READY_TIMEOUT_S = 600.0
+MAX_RESTARTS = 5  # per worker within RESTART_WINDOW_S, then give up and stop the tree
+RESTART_WINDOW_S = 60.0
+
+
+@dataclass
+class Child:
+    name: str
+    module: str
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    @property
+    def is_worker(self) -> bool:
+        return self.name.startswith("worker-")
+
+
+class Supervisor:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.ctx = zmq.Context()
+        self.ready_sock = ipc.bind_pull(self.ctx, cfg.endpoint("launcher"))
+        self.to_scheduler = ipc.connect_push(self.ctx, cfg.endpoint("scheduler"))
+        self.codec = Codec(LauncherInMsg)
+        self.children: list[Child] = [Child("scheduler", "procs.scheduler"), Child("tokenizer", "procs.tokenizer")]
+        self.children += [Child(f"worker-{i}", "procs.worker", ["--worker-id", str(i)]) for i in range(cfg.workers)]
+        self.gateway = Child("gateway", "procs.gateway")
+        self.stopping = False
+
+    # ------------------------------------------------------------ processes
+
+    def spawn(self, child: Child) -> None:
+        env = {**os.environ, "MINISGL_CONFIG": self.cfg.to_json(), "MINISGL_PARENT_PID": str(os.getpid()),
+               "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        # Own process group: Ctrl-C in the terminal reaches only the launcher, which stops children in order.
+        child.proc = subprocess.Popen([sys.executable, "-m", child.module, *child.args], cwd=REPO_ROOT, env=env,
+                                      process_group=0)
+        log.info("started %s (pid %d)", child.name, child.proc.pid)
+
+    def wait_ready(self, names: set[str], timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while names:
+            if self.stopping:
+                raise SystemExit(0)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out waiting for {sorted(names)} to start")
+            for child in self.children + [self.gateway]:
+                if child.name in names and child.proc is not None and child.proc.poll() is not None:
+                    raise RuntimeError(f"{child.name} exited with code {child.proc.returncode} during start-up")
+            if self.ready_sock.poll(200):
+                msg: ProcReady = self.codec.decode(self.ready_sock.recv())
+                names.discard(msg.name)
+                log.info("%s ready %s", msg.name, " ".join(f"{k}={v}" for k, v in msg.info.items() if v))
+
+    def start(self) -> None:
+        for child in self.children:
+            self.spawn(child)
+        self.wait_ready({c.name for c in self.children})
+        self.spawn(self.gateway)
+        self.wait_ready({"gateway"})
+
+    def supervise(self) -> int:
+        while not self.stopping:
+            if self.ready_sock.poll(200):  # restarted workers report in here
+                msg: ProcReady = self.codec.decode(self.ready_sock.recv())
+                log.info("%s ready again", msg.name)
+            for child in self.children + [self.gateway]:
+                code = child.proc.poll() if child.proc else None
+                if code is None or self.stopping:
+                    continue
+                if not child.is_worker:
+                    log.error("%s exited with code %s; stopping the server", child.name, code)
+                    return 1
+                if not self.restart_worker(child, code):
+                    return 1
+        return 0
+
+    def restart_worker(self, child: Child, code: int) -> bool:
+        worker_id = int(child.name.split("-")[1])
+        log.error("%s exited with code %s; failing its requests and restarting it", child.name, code)
+        ipc.send(self.to_scheduler, WorkerDied(worker_id, code))
+        now = time.monotonic()
+        child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(child.restarts) > MAX_RESTARTS:
+            log.error("%s died %d times within %.0fs; giving up", child.name, len(child.restarts), RESTART_WINDOW_S)
+            return False
+        self.spawn(child)
+        return True
+
+    def shutdown(self) -> None:
+        """SIGTERM everyone (gateway first, so no new work arrives), then SIGKILL whoever lingers."""
+        procs = [c.proc for c in [self.gateway, *reversed(self.children)] if c.proc is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 5.0
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.ctx.destroy(linger=0)
+        shutil.rmtree(self.cfg.runtime_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def resolve_config(cfg: ServerConfig) -> ServerConfig:
+    """Fill in what depends on this machine: model directory, backend, worker count, runtime dir."""
+    from minisgl.backends.base import default_backend_name
+    from minisgl.models.fetch import resolve_model_dir
+    from minisgl.scheduler.policy import make_policy
+
+    make_policy(cfg.scheduler_mode)  # fail fast on a bad mode
+    model_dir = resolve_model_dir(cfg.model_name, cfg.model_local_dir)
+    backend = default_backend_name() if cfg.backend in ("", "auto") else cfg.backend
+    if backend not in ("torch", "sgl", "mlx", "hf"):
+        raise ValueError(f"unknown BACKEND_IMPL {backend!r}; choose auto, torch, sgl, mlx or hf")
+    workers = cfg.workers
+    if cfg.enable_multi_device:
+        import torch
+
+        workers = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else workers
+    runtime_dir = cfg.runtime_dir or tempfile.mkdtemp(prefix="minisgl-")
+    os.chmod(runtime_dir, 0o700)  # the sockets inside accept anyone who can reach them
+    served = cfg.served_model_name or cfg.model_name or model_dir.name
+    return msgspec.structs.replace(cfg, model_path=str(model_dir), backend=backend, workers=workers,
+                                   runtime_dir=runtime_dir, served_model_name=served)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch.py", description=__doc__.split("\n\n")[0],
+        epilog="Each flag's default comes from the environment variable shown; the flag wins over the variable.",
+    )
+    add_config_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    ipc.setup_logging(cfg.log_level, "launch")
+    try:
+        cfg = resolve_config(cfg)
+    except Exception as e:  # noqa: BLE001 - a configuration problem gets one clear line, not a traceback
+        log.error("%s", e)
+        return 2
+    sup = Supervisor(cfg)
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not sup.stopping:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+        sup.stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 1
+    try:
+        sup.start()
+        print(f"mini-sglang ready on http://{cfg.host}:{cfg.port} (model {cfg.served_model_name}, backend "
+              f"{cfg.backend}, {cfg.workers} worker(s))", flush=True)
+        code = sup.supervise()
+    except SystemExit as e:
+        code = int(e.code or 0)
+    except Exception as e:  # noqa: BLE001
+        log.error("%s", e)
+        code = 1
+    finally:
+        sup.shutdown()
+    return 0 if sup.stopping else code  # a requested stop is a clean exit
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""The HTTP gateway: a Starlette app that streams text deltas. It holds no model and no tokenizer.
+
+Each request gets an id and an asyncio queue; one reader task takes TextBatch messages off the gateway's
+PULL socket and hands every item to its request's queue. The first item decides the HTTP status (a
+request refused by the tokenizer or scheduler gets its 4xx/5xx before any byte is streamed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from minisgl import ipc
+from minisgl.config import ServerConfig
+from minisgl.gateway.metrics import GatewayMetrics
+from minisgl.gateway.requests import ParsedRequest, RequestError, parse_chat, parse_completion, parse_generate
+from minisgl.messages import (
+    FINISH_ABORT,
+    AbortReq,
+    Codec,
+    ControlReply,
+    ControlReq,
+    GatewayInMsg,
+    GenerateReq,
+    TextBatch,
+    TextOut,
+)
+
+log = logging.getLogger("minisgl.gateway")
+
+
+def error_response(message: str, status: int, code: str = "invalid_request", param: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse({"error": {"message": message, "type": kind, "code": code, "param": param}},
+                        status_code=status, headers=headers)
+
+
+@dataclass
+class Stream:
+    """One request in flight, seen from the gateway."""
+
+    rid: str
+    queue: asyncio.Queue[TextOut]
+    arrival: float
+    done: bool = False
+    first_token_at: float | None = None
+    last_chunk_at: float | None = None
+    itls: list[float] = field(default_factory=list)
+
+    async def next(self) -> TextOut:
+        item = await self.queue.get()
+        now = time.time()
+        if item.text:
+            if self.first_token_at is None:
+                self.first_token_at = now
+            elif self.last_chunk_at is not None:
+                self.itls.append(now - self.last_chunk_at)
+            self.last_chunk_at = now
+        if item.finish_reason is not None:
+            self.done = True
+        return item
+
+
+class Bridge:
+    """ZeroMQ on one side, asyncio queues on the other."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.sync_ctx = zmq.Context()
+        self.async_ctx = zmq.asyncio.Context()
+        # Plain sockets for sending: a send never blocks (no high-water mark) and needs no await, so it
+        # also works in a `finally` of a cancelled stream.
+        self.to_tokenizer = ipc.connect_push(self.sync_ctx, cfg.endpoint("tokenizer"))
+        self.to_scheduler = ipc.connect_push(self.sync_ctx, cfg.endpoint("scheduler"))
+        self.pull = self.async_ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.bind(cfg.endpoint("gateway"))
+        self.codec = Codec(GatewayInMsg)
+        self.streams: dict[str, Stream] = {}
+        self.reader: asyncio.Task | None = None
+
+    async def read_forever(self) -> None:
+        while True:
+            batch: TextBatch = self.codec.decode(await self.pull.recv())
+            for item in batch.items:
+                stream = self.streams.get(item.rid)
+                if stream is not None:
+                    stream.queue.put_nowait(item)
+
+    def submit(self, parsed: ParsedRequest) -> Stream:
+        rid = uuid.uuid4().hex
+        stream = Stream(rid, asyncio.Queue(), time.time())
+        self.streams[rid] = stream
+        ipc.send(self.to_tokenizer, GenerateReq(rid=rid, prompt=parsed.prompt, messages=parsed.messages,
+                                                params=parsed.params, arrival=stream.arrival,
+                                                chat_prompt=parsed.chat_prompt))
+        return stream
+
+    def release(self, stream: Stream) -> None:
+        """The client is gone or served: abort whatever is still running, forget the queue."""
+        if not stream.done:
+            ipc.send(self.to_scheduler, AbortReq(stream.rid))
+        self.streams.pop(stream.rid, None)
+
+    async def control(self, command: str, timeout: float = 2.0) -> dict | None:
+        if not self.cfg.zmq_control:
+            return None
+        sock = self.async_ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.cfg.control_endpoint)
+        try:
+            await sock.send_multipart([b"", msgspec.json.encode(ControlReq(command=command))])
+            if not await sock.poll(int(timeout * 1000)):
+                return None
+            frames = await sock.recv_multipart()
+            reply = msgspec.json.decode(frames[-1], type=ControlReply)
+            return reply.data if reply.ok else None
+        finally:
+            sock.close()
+
+
+Formatter = Callable[[TextOut], list[str]]
+
+
+class Gateway:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.bridge = Bridge(cfg)
+        self.metrics = GatewayMetrics()
+        name = cfg.served_model_name or "default"
+        self.model_names = {name, name.split("/")[-1], "default"}
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def startup(self) -> None:
+        self.bridge.reader = asyncio.create_task(self.bridge.read_forever())
+        ipc.report_ready(self.bridge.sync_ctx, self.cfg, "gateway", url=f"http://{self.cfg.host}:{self.cfg.port}")
+
+    # ------------------------------------------------------------ the common request path
+
+    async def _body(self, request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(f"malformed JSON body: {e}") from None
+
+    async def _first(self, request: Request, stream: Stream) -> TextOut | None:
+        """Wait for the first item, giving up (and aborting) if the client leaves meanwhile."""
+        while True:
+            try:
+                return await asyncio.wait_for(stream.next(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return None
+
+    async def serve(self, request: Request, parse: Callable[..., ParsedRequest],
+                    stream_fmt: Callable[[Stream, ParsedRequest], Formatter], stream_tail: list[str],
+                    whole_fmt: Callable[[Stream, ParsedRequest, str, TextOut], dict], media_type: str) -> Response:
+        try:
+            parsed = parse(await self._body(request), self.cfg, self.model_names)
+        except RequestError as e:
+            self.metrics.rejected.labels(str(e.status)).inc()
+            return error_response(e.message, e.status, e.code, e.param)
+        stream = self.bridge.submit(parsed)
+        try:
+            first = await self._first(request, stream)
+        except BaseException:
+            self.bridge.release(stream)
+            raise
+        if first is None:  # client left before the first token
+            self.bridge.release(stream)
+            return Response(status_code=499)
+        if first.error is not None and first.status != 200 and not first.text:
+            self.bridge.release(stream)
+            self.metrics.rejected.labels(str(first.status)).inc()
+            return error_response(first.error, first.status, code="overloaded" if first.status == 429 else "request_failed")
+        if not parsed.stream:
+            return await self._whole(stream, parsed, first, whole_fmt)
+        fmt = stream_fmt(stream, parsed)
+
+        async def body() -> AsyncIterator[str]:
+            item: TextOut | None = first
+            try:
+                while item is not None:
+                    if self.cfg.narrate and item.text:
+                        log.info("stream rid=%s chunk %r", stream.rid[:8], item.text)
+                    for chunk in fmt(item):
+                        yield chunk
+                    item = None if stream.done else await stream.next()
+                for chunk in stream_tail:
+                    yield chunk
+            finally:
+                self.bridge.release(stream)
+
+        return StreamingResponse(body(), media_type=media_type, headers={"Cache-Control": "no-cache", "X-Request-Id": stream.rid})
+
+    async def _whole(self, stream: Stream, parsed: ParsedRequest, first: TextOut,
+                     whole_fmt: Callable[[Stream, ParsedRequest, str, TextOut], dict]) -> Response:
+        parts, item = [first.text], first
+        try:
+            while not stream.done:
+                item = await stream.next()
+                parts.append(item.text)
+        finally:
+            self.bridge.release(stream)
+        if item.error is not None:
+            return error_response(item.error, item.status if item.status >= 400 else 500, code="request_failed")
+        return JSONResponse(whole_fmt(stream, parsed, "".join(parts), item))
+
+    def finish(self, stream: Stream, item: TextOut) -> None:
+        """Book-keeping at a request's last item: metrics and the per-request log line."""
+        u = item.usage
+        e2e = time.time() - stream.arrival
+        ttft = stream.first_token_at - stream.arrival if stream.first_token_at else None
+        if u is not None:
+            self.metrics.observe(item.finish_reason or "", u.prompt_tokens, u.completion_tokens, u.cached_tokens,
+                                 ttft, stream.itls, e2e)
+            hit = 100.0 * u.cached_tokens / u.prompt_tokens if u.prompt_tokens else 0.0
+            log.info("rid=%s finish=%s prompt=%d cached=%d (hit %.0f%%, miss %d) completion=%d ttft=%s e2e=%.3fs%s",
+                     stream.rid[:8], item.finish_reason, u.prompt_tokens, u.cached_tokens, hit,
+                     u.prompt_tokens - u.cached_tokens, u.completion_tokens,
+                     f"{ttft:.3f}s" if ttft is not None else "-", e2e,
+                     f" error={item.error}" if item.error else "")
+
+    def usage_dict(self, item: TextOut, openai: bool) -> dict:
+        u = item.usage
+        if u is None:
+            return {}
+        d: dict[str, Any] = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens}
+        if openai:
+            d["total_tokens"] = u.prompt_tokens + u.completion_tokens
+            d["prompt_tokens_details"] = {"cached_tokens": u.cached_tokens}
+        else:
+            d["cached_tokens"] = u.cached_tokens
+        return d
+
+    # ------------------------------------------------------------ /generate (JSON lines)
+
+    async def generate(self, request: Request) -> Response:
+        def fmt_factory(stream: Stream, parsed: ParsedRequest) -> Formatter:
+            def fmt(item: TextOut) -> list[str]:
+                lines = []
+                if item.text:
+                    lines.append(json.dumps({"text_delta": item.text}) + "\n")
+                if item.finish_reason is not None:
+                    self.finish(stream, item)
+                    lines.append(json.dumps(self._done_event(item)) + "\n")
+                return lines
+            return fmt
+
+        def whole(stream: Stream, parsed: ParsedRequest, text: str, last: TextOut) -> dict:
+            self.finish(stream, last)
+            return {"text": text, **self._done_event(last)}
+
+        return await self.serve(request, parse_generate, fmt_factory, [], whole, "application/x-ndjson")
+
+    def _done_event(self, item: TextOut) -> dict:
+        if item.error is not None:
+            return {"event": "error", "error": item.error, "status": item.status, "finish_reason": item.finish_reason,
+                    "usage": self.usage_dict(item, openai=False)}
+        event: dict[str, Any] = {"event": "done", "finish_reason": item.finish_reason, "usage": self.usage_dict(item, openai=False)}
+        if item.max_new_tokens_scaled_from is not None:
+            event["max_new_tokens_scaled_from"] = item.max_new_tokens_scaled_from
+        return event
+
+    # ------------------------------------------------------------ OpenAI-compatible
+
+    @staticmethod
+    def _openai_finish(reason: str | None) -> str | None:
+        return None if reason is None else ("length" if reason == "length" else "stop")
+
+    def _sse(self, obj: dict) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    def _openai_stream(self, chat: bool) -> Callable[[Stream, ParsedRequest], Formatter]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        prefix = "chatcmpl-" if chat else "cmpl-"
+
+        def factory(stream: Stream, parsed: ParsedRequest) -> Formatter:
+            head = {"id": prefix + stream.rid, "object": obj, "created": int(stream.arrival), "model": parsed.model}
+            sent_role = False
+
+            def choice(text: str, finish: str | None) -> dict:
+                if chat:
+                    nonlocal sent_role
+                    delta: dict[str, str] = {"content": text} if text or finish is None else {}
+                    if not sent_role:
+                        delta = {"role": "assistant", **delta}
+                        sent_role = True
+                    return {"index": 0, "delta": delta, "finish_reason": finish}
+                return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+            def fmt(item: TextOut) -> list[str]:
+                out = []
+                if item.text:
+                    out.append(self._sse({**head, "choices": [choice(item.text, None)]}))
+                if item.finish_reason is not None:
+                    self.finish(stream, item)
+                    if item.error is not None:
+                        out.append(self._sse({"error": {"message": item.error, "type": "server_error", "code": item.status}}))
+                        return out
+                    out.append(self._sse({**head, "choices": [choice("", self._openai_finish(item.finish_reason))]}))
+                    if parsed.include_usage:
+                        out.append(self._sse({**head, "choices": [], "usage": self.usage_dict(item, openai=True)}))
+                return out
+            return fmt
+        return factory
+
+    def _openai_whole(self, chat: bool) -> Callable[[Stream, ParsedRequest, str, TextOut], dict]:
+        def whole(stream: Stream, parsed: ParsedRequest, text: str, last: TextOut) -> dict:
+            self.finish(stream, last)
+            finish = self._openai_finish(last.finish_reason)
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            return {"id": ("chatcmpl-" if chat else "cmpl-") + stream.rid,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": int(stream.arrival), "model": parsed.model, "choices": [choice],
+                    "usage": self.usage_dict(last, openai=True)}
+        return whole
+
+    async def completions(self, request: Request) -> Response:
+        return await self.serve(request, parse_completion, self._openai_stream(False), ["data: [DONE]\n\n"],
+                                self._openai_whole(False), "text/event-stream")
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.serve(request, parse_chat, self._openai_stream(True), ["data: [DONE]\n\n"],
+                                self._openai_whole(True), "text/event-stream")
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.cfg.served_model_name, "object": "model", "created": 0, "owned_by": "mini-sglang"}]})
+
+    # ------------------------------------------------------------ health and metrics
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": self.cfg.served_model_name, "backend": self.cfg.backend})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        sched = await self.bridge.control("metrics")
+        self.metrics.update_from_scheduler(sched)
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse({"totals": self.metrics.totals(), "rolling": self.metrics.rolling(),
+                                 "scheduler": sched, "inflight_streams": len(self.bridge.streams)})
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def create_app(cfg: ServerConfig) -> Starlette:
+    gw = Gateway(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gw.startup()
+        yield
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error_response(f"no route {request.method} {request.url.path}", 404, code="not_found")
+
+    async def bad_method(request: Request, exc: Exception) -> Response:
+        return error_response(f"method {request.method} not allowed on {request.url.path}", 405, code="method_not_allowed")
+
+    routes = [
+        Route("/generate", gw.generate, methods=["POST"]),
+        Route("/v1/completions", gw.completions, methods=["POST"]),
+        Route("/v1/chat/completions", gw.chat_completions, methods=["POST"]),
+        Route("/v1/models", gw.models, methods=["GET"]),
+        Route("/health", gw.health, methods=["GET"]),
+        Route("/metrics", gw.metrics_endpoint, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: bad_method})
+    app.state.gateway = gw
+    return app

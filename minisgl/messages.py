@@ -1,0 +1,217 @@
+"""Every message that crosses a socket, as msgspec Structs.
+
+Each socket carries one tagged union (see the `*Msg` aliases at the bottom), so a receiver decodes
+straight into the right class with `msgspec.msgpack.Decoder(Union)`. Nothing here is ever pickled.
+
+Flow (see DESIGN.md):
+  gateway --GenerateReq--> tokenizer --TokenizedReq--> scheduler --Dispatch--> worker
+  worker --TokenBatch--> tokenizer --TextBatch--> gateway
+  worker --WorkerStatus--> scheduler;   every process --ProcReady--> launcher
+"""
+
+from __future__ import annotations
+
+import msgspec
+from msgspec import Struct
+
+# Finish reasons, as OpenAI spells them, plus "abort" (client went away / stop string) and "error".
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"
+FINISH_ERROR = "error"
+
+
+class SamplingParams(Struct, frozen=True, kw_only=True):
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means disabled
+    seed: int | None = None
+    stop: list[str] = []  # stop strings, handled by the tokenizer process
+    stop_token_ids: list[int] = []  # extra stop ids; the model's eos ids are added by the tokenizer
+    ignore_eos: bool = False
+
+
+class ChatMessage(Struct, frozen=True):
+    role: str
+    content: str
+
+
+class Usage(Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+# ---------------------------------------------------------------- gateway -> tokenizer
+
+
+class GenerateReq(Struct, tag="generate", kw_only=True):
+    rid: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    params: SamplingParams
+    arrival: float  # time.time() at the gateway, for end-to-end latency
+    # /generate: wrap `prompt` as one user turn in the model's chat template (when it has one)
+    chat_prompt: bool = False
+
+
+# ---------------------------------------------------------------- tokenizer -> scheduler -> worker
+
+
+class TokenizedReq(Struct, tag="tokenized", kw_only=True):
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    arrival: float
+    eos_token_ids: list[int] = []
+    # set by the scheduler when adaptive max_new_tokens scaled the request down
+    max_new_tokens_scaled_from: int | None = None
+    # low-priority warm-up request: prefill only, keep the prefix cached, emit nothing
+    warmup: bool = False
+
+
+class AbortReq(Struct, tag="abort"):
+    """Stop a request wherever it is (queue or worker). Sent by the gateway on disconnect, by the
+    tokenizer when a stop string matched."""
+
+    rid: str
+
+
+class Dispatch(Struct, tag="dispatch"):
+    """scheduler -> worker: new requests (one message per scheduler pass, all requests in it)."""
+
+    reqs: list[TokenizedReq]
+
+
+class InsertPrefix(Struct, tag="insert_prefix"):
+    """scheduler -> worker: prefill these token ids and keep them in the prefix cache."""
+
+    input_ids: list[int]
+
+
+class FlushCache(Struct, tag="flush_cache"):
+    pass
+
+
+class Shutdown(Struct, tag="shutdown"):
+    pass
+
+
+# ---------------------------------------------------------------- worker -> tokenizer
+
+
+class TokenOut(Struct, kw_only=True, omit_defaults=True):
+    """New token ids of one request in one engine step; finish_reason set on its last item."""
+
+    rid: str
+    token_ids: list[int] = []
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    status: int = 200  # HTTP status the gateway answers with when this is the first item
+    max_new_tokens_scaled_from: int | None = None
+
+
+class TokenBatch(Struct, tag="tokens"):
+    worker_id: int
+    items: list[TokenOut]
+
+
+# ---------------------------------------------------------------- tokenizer -> gateway
+
+
+class TextOut(Struct, kw_only=True, omit_defaults=True):
+    rid: str
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: str | None = None
+    status: int = 200
+    max_new_tokens_scaled_from: int | None = None
+
+
+class TextBatch(Struct, tag="text"):
+    items: list[TextOut]
+
+
+# ---------------------------------------------------------------- worker -> scheduler
+
+
+class WorkerStatus(Struct, tag="worker_status", kw_only=True, omit_defaults=True):
+    """Sent after every engine step in which something the scheduler cares about changed."""
+
+    worker_id: int
+    finished: list[str] = []  # rids that left the worker (done, aborted, failed)
+    running: int = 0
+    waiting: int = 0
+    kv_used_tokens: int = 0
+    kv_total_tokens: int = 0
+    cached_tokens_total: int = 0  # tokens served from the prefix cache since start
+    prompt_tokens_total: int = 0
+    cache_inserted: list[list[int]] = []  # token sequences now cached (full prefixes from the root)
+    cache_evicted: list[list[int]] = []  # token sequences evicted (full prefixes from the root)
+    cache_flushed: bool = False
+
+
+# ---------------------------------------------------------------- any process -> launcher / scheduler
+
+
+class ProcReady(Struct, tag="ready"):
+    name: str  # "gateway", "tokenizer", "scheduler", "worker-0", ...
+    pid: int
+    info: dict[str, str] = {}
+
+
+class WorkerDied(Struct, tag="worker_died"):
+    """launcher -> scheduler: worker N exited; fail its in-flight requests."""
+
+    worker_id: int
+    exitcode: int
+
+
+class WorkerUp(Struct, tag="worker_up"):
+    """worker -> scheduler: ready to take requests (sent at start and after a restart)."""
+
+    worker_id: int
+    kv_total_tokens: int = 0
+
+
+# ---------------------------------------------------------------- control channel (ROUTER on scheduler)
+
+
+class ControlReq(Struct, kw_only=True):
+    command: str  # metrics | warm | insert_prefix | flush_cache | health
+    prefixes: list[str] = []  # for warm / insert_prefix: text, tokenized by the scheduler's tokenizer
+    token_ids: list[list[int]] = []  # or token ids directly
+
+
+class ControlReply(Struct, kw_only=True, omit_defaults=True):
+    ok: bool
+    error: str | None = None
+    data: dict = {}
+
+
+# ---------------------------------------------------------------- one union per receiving socket
+
+TokenizerInMsg = GenerateReq | TokenBatch | AbortReq
+SchedulerInMsg = TokenizedReq | AbortReq | WorkerStatus | WorkerDied | WorkerUp
+WorkerInMsg = Dispatch | AbortReq | InsertPrefix | FlushCache | Shutdown
+GatewayInMsg = TextBatch
+LauncherInMsg = ProcReady
+
+
+class Codec:
+    """A msgpack encoder plus a decoder for one socket's union type."""
+
+    def __init__(self, union: object) -> None:
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = msgspec.msgpack.Decoder(union)
+
+    def encode(self, msg: Struct) -> bytes:
+        return self.encoder.encode(msg)
+
+    def decode(self, data: bytes):  # noqa: ANN201 - returns a member of the union
+        return self.decoder.decode(data)

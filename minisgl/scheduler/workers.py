@@ -1,0 +1,55 @@
+"""What the scheduler knows about each worker: liveness, inflight requests, load and a prefix index."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from minisgl.messages import WorkerStatus
+from minisgl.scheduler.index import PrefixIndex
+
+
+@dataclass
+class WorkerState:
+    worker_id: int
+    up: bool = False
+    inflight: set[str] = field(default_factory=set)
+    running: int = 0
+    waiting: int = 0
+    kv_used_tokens: int = 0
+    kv_total_tokens: int = 0
+    cached_tokens_total: int = 0
+    prompt_tokens_total: int = 0
+    dispatched_total: int = 0
+    index: PrefixIndex = field(default_factory=PrefixIndex)
+
+    @property
+    def load(self) -> int:
+        return len(self.inflight)
+
+    def apply_status(self, status: WorkerStatus) -> list[str]:
+        """Update from a worker report; returns the rids that finished there."""
+        self.running, self.waiting = status.running, status.waiting
+        self.kv_used_tokens, self.kv_total_tokens = status.kv_used_tokens, status.kv_total_tokens
+        self.cached_tokens_total = status.cached_tokens_total
+        self.prompt_tokens_total = status.prompt_tokens_total
+        if status.cache_flushed:
+            self.index.clear()
+        for seq in status.cache_evicted:
+            self.index.remove(seq)
+        for seq in status.cache_inserted:
+            self.index.insert(seq)
+        done = [rid for rid in status.finished if rid in self.inflight]
+        self.inflight.difference_update(done)
+        return done
+
+    def mark_down(self) -> list[str]:
+        """The worker died: its KV and cache are gone; returns the rids that were in flight on it."""
+        lost = sorted(self.inflight)
+        self.up = False
+        self.inflight.clear()
+        self.running = self.waiting = self.kv_used_tokens = 0
+        self.index.clear()
+        return lost
+
+    def cache_hit_rate(self) -> float:
+        return self.cached_tokens_total / self.prompt_tokens_total if self.prompt_tokens_total else 0.0

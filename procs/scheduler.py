@@ -1,0 +1,188 @@
+"""Scheduler process: the only process that sees every request.
+
+In:  TokenizedReq / AbortReq (tokenizer, gateway), WorkerStatus / WorkerUp (workers), WorkerDied
+     (launcher); control requests on a ROUTER socket.
+Out: Dispatch / AbortReq / InsertPrefix / FlushCache to workers; TokenBatch (errors for requests that
+     never reached a worker) to the tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+import zmq
+from transformers import AutoTokenizer
+
+from minisgl import ipc
+from minisgl.config import ServerConfig
+from minisgl.messages import (
+    AbortReq,
+    Codec,
+    ControlReply,
+    ControlReq,
+    Dispatch,
+    FlushCache,
+    InsertPrefix,
+    SchedulerInMsg,
+    TokenBatch,
+    TokenizedReq,
+    TokenOut,
+    WorkerDied,
+    WorkerStatus,
+    WorkerUp,
+)
+from minisgl.scheduler.core import SchedulerCore
+
+log = logging.getLogger("minisgl.scheduler")
+
+CONTROL_COMMANDS = ("metrics", "warm", "insert_prefix", "flush_cache", "health")
+
+
+class SchedulerProcess:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.core = SchedulerCore(cfg, cfg.workers)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)  # for text prefixes (warm-up)
+        self.ctx = zmq.Context()
+        self.pull = ipc.bind_pull(self.ctx, cfg.endpoint("scheduler"))
+        self.to_workers = [ipc.connect_push(self.ctx, cfg.endpoint(f"worker-{i}")) for i in range(cfg.workers)]
+        self.to_tokenizer = ipc.connect_push(self.ctx, cfg.endpoint("tokenizer"))
+        self.control: zmq.Socket | None = None
+        if cfg.zmq_control:
+            self.control = self.ctx.socket(zmq.ROUTER)
+            self.control.setsockopt(zmq.LINGER, 0)
+            self.control.bind(cfg.control_endpoint)
+        self.codec = Codec(SchedulerInMsg)
+        self.control_decoder = msgspec.json.Decoder(ControlReq)
+        self.control_encoder = msgspec.json.Encoder()
+        self.poller = zmq.Poller()
+        self.poller.register(self.pull, zmq.POLLIN)
+        if self.control is not None:
+            self.poller.register(self.control, zmq.POLLIN)
+
+    # ------------------------------------------------------------ main loop
+
+    def run(self) -> None:
+        ipc.report_ready(self.ctx, self.cfg, "scheduler", control=self.cfg.control_endpoint if self.control else "")
+        log.info("scheduler ready: mode=%s workers=%d caps total=%d per-engine=%d queue=%d",
+                 self.cfg.scheduler_mode, self.cfg.workers, self.cfg.max_inflight_total,
+                 self.cfg.max_inflight_per_engine, self.cfg.max_queue)
+        while True:
+            events = dict(self.poller.poll(timeout=100))
+            if self.pull in events:
+                while True:  # drain everything waiting, then dispatch once: one Dispatch per worker per pass
+                    try:
+                        data = self.pull.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.handle(self.codec.decode(data))
+            if self.control is not None and self.control in events:
+                self.handle_control()
+            self.pump()
+
+    def handle(self, msg: object) -> None:
+        core = self.core
+        if isinstance(msg, TokenizedReq):
+            err = core.on_request(msg, time.monotonic())
+            if err is not None:
+                log.warning("rejected rid=%s: %s", msg.rid, err.error)
+                self.fail([err])
+        elif isinstance(msg, AbortReq):
+            worker_id, final = core.on_abort(msg.rid)
+            if worker_id is not None:
+                ipc.send(self.to_workers[worker_id], msg)
+            elif final is not None:
+                self.fail([final])
+        elif isinstance(msg, WorkerStatus):
+            core.on_status(msg)
+        elif isinstance(msg, WorkerUp):
+            log.info("worker %d is up (%d KV tokens)", msg.worker_id, msg.kv_total_tokens)
+            core.on_worker_up(msg.worker_id)
+        elif isinstance(msg, WorkerDied):
+            errors = core.on_worker_died(msg.worker_id, msg.exitcode)
+            log.error("worker %d died (exit %d); failing %d in-flight requests", msg.worker_id, msg.exitcode, len(errors))
+            self.fail(errors)
+
+    def pump(self) -> None:
+        self.fail(self.core.expire(time.monotonic()))
+        for worker_id, reqs in self.core.dispatch().items():
+            ipc.send(self.to_workers[worker_id], Dispatch(reqs))
+            if self.cfg.narrate:
+                log.info("dispatch %d request(s) to worker %d (%s)", len(reqs), worker_id, self.cfg.scheduler_mode)
+        for worker_id, ids in self.core.pop_warmups():
+            ipc.send(self.to_workers[worker_id], InsertPrefix(ids))
+
+    def fail(self, items: list[TokenOut]) -> None:
+        if items:
+            ipc.send(self.to_tokenizer, TokenBatch(worker_id=-1, items=items))
+
+    # ------------------------------------------------------------ control channel
+
+    def handle_control(self) -> None:
+        assert self.control is not None
+        while True:
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            envelope, payload = frames[:-1], frames[-1]
+            try:
+                reply = self.control_command(self.control_decoder.decode(payload))
+            except msgspec.DecodeError as e:
+                reply = ControlReply(ok=False, error=f"malformed control request: {e}")
+            except Exception as e:  # noqa: BLE001 - a bad command must never take the scheduler down
+                log.exception("control command failed")
+                reply = ControlReply(ok=False, error=f"{type(e).__name__}: {e}")
+            self.control.send_multipart([*envelope, self.control_encoder.encode(reply)])
+
+    def _prefix_ids(self, req: ControlReq) -> list[list[int]]:
+        seqs = [list(ids) for ids in req.token_ids]
+        seqs += [self.tokenizer(text).input_ids for text in req.prefixes]
+        if not seqs or any(len(s) == 0 for s in seqs):
+            raise ValueError(f"'{req.command}' needs non-empty 'prefixes' (text) or 'token_ids'")
+        return seqs
+
+    def control_command(self, req: ControlReq) -> ControlReply:
+        core = self.core
+        if req.command == "metrics":
+            return ControlReply(ok=True, data=core.metrics())
+        if req.command == "health":
+            up = sum(w.up for w in core.workers)
+            return ControlReply(ok=up > 0, data={"workers_up": up, "workers": len(core.workers),
+                                                  "queued": len(core.queue), "inflight": core.inflight_total},
+                                error=None if up else "no worker is up")
+        if req.command == "warm":
+            seqs = self._prefix_ids(req)
+            if self.cfg.async_prefill_queue:
+                for ids in seqs:
+                    core.queue_warmup(ids)
+            else:
+                self._insert_now(seqs)
+            return ControlReply(ok=True, data={"queued": len(seqs), "tokens": [len(s) for s in seqs],
+                                               "async": self.cfg.async_prefill_queue})
+        if req.command == "insert_prefix":
+            seqs = self._prefix_ids(req)
+            self._insert_now(seqs)
+            return ControlReply(ok=True, data={"inserted": len(seqs), "tokens": [len(s) for s in seqs]})
+        if req.command == "flush_cache":
+            for sock in self.to_workers:
+                ipc.send(sock, FlushCache())
+            return ControlReply(ok=True, data={"workers": len(self.to_workers)})
+        return ControlReply(ok=False, error=f"unknown command {req.command!r}; known: {', '.join(CONTROL_COMMANDS)}")
+
+    def _insert_now(self, seqs: list[list[int]]) -> None:
+        for worker in self.core.workers:
+            if worker.up:
+                for ids in seqs:
+                    ipc.send(self.to_workers[worker.worker_id], InsertPrefix(ids))
+
+
+def main() -> None:
+    cfg = ipc.become_child("scheduler")
+    SchedulerProcess(cfg).run()
+
+
+if __name__ == "__main__":
+    main()
