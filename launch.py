@@ -15,6 +15,7 @@ the launcher even if it is killed with SIGKILL (PR_SET_PDEATHSIG), so nothing is
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from minisgl import ipc  # noqa: E402
+from minisgl.control import run_info_path  # noqa: E402
 from minisgl.config import ServerConfig, add_config_flags, config_from_args  # noqa: E402
 from minisgl.messages import Codec, LauncherInMsg, ProcReady, WorkerDied  # noqa: E402
 
@@ -67,6 +69,7 @@ class Supervisor:
         self.children += [Child(f"worker-{i}", "procs.worker", ["--worker-id", str(i)]) for i in range(cfg.workers)]
         self.gateway = Child("gateway", "procs.gateway")
         self.stopping = False
+        self.run_info: Path | None = None
 
     # ------------------------------------------------------------ processes
 
@@ -99,6 +102,15 @@ class Supervisor:
         self.wait_ready({c.name for c in self.children})
         self.spawn(self.gateway)
         self.wait_ready({"gateway"})
+        self.write_run_info()
+
+    def write_run_info(self) -> None:
+        """Let `python -m tools.ctl --port N` find this server's control endpoint."""
+        info = {"pid": os.getpid(), "url": f"http://{self.cfg.host}:{self.cfg.port}", "runtime_dir": self.cfg.runtime_dir,
+                "control_endpoint": self.cfg.control_endpoint if self.cfg.zmq_control else None}
+        self.run_info = run_info_path(self.cfg.port)
+        self.run_info.parent.mkdir(parents=True, exist_ok=True)
+        self.run_info.write_text(json.dumps(info))
 
     def supervise(self) -> int:
         while not self.stopping:
@@ -143,6 +155,8 @@ class Supervisor:
                 p.wait()
         self.ctx.destroy(linger=0)
         shutil.rmtree(self.cfg.runtime_dir, ignore_errors=True)
+        if self.run_info is not None:
+            self.run_info.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- configuration

@@ -131,6 +131,7 @@ class TextOut(Struct, kw_only=True, omit_defaults=True):
     error: str | None = None
     status: int = 200
     max_new_tokens_scaled_from: int | None = None
+    worker_id: int = -1  # on the last item: which worker served the request (-1: none)
 
 
 class TextBatch(Struct, tag="text"):

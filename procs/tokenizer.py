@@ -67,6 +67,8 @@ class ReqState:
     detok: RequestDetokenizer
     prompt_tokens: int
     finished: bool = False  # already told the gateway "done"; waiting for the worker's last item
+    generated: int = 0  # tokens seen so far (usage when a stop string ends the request early)
+    cached: int = 0  # prompt tokens the worker found in its prefix cache, once it said so
 
 
 class TokenizerService:
@@ -133,6 +135,8 @@ class TokenizerService:
                 self.states.pop(item.rid, None)
             if state.finished:
                 continue
+            state.generated += len(item.token_ids)
+            state.cached = item.cached_tokens or state.cached
             res = state.detok.feed(item.token_ids)
             text = res.text
             if res.stopped:
@@ -140,12 +144,13 @@ class TokenizerService:
                 if item.finish_reason is None:
                     aborts.append(item.rid)
                 out.append(TextOut(rid=item.rid, text=text, finish_reason=FINISH_STOP,
-                                   usage=self._usage(state, item),
+                                   usage=self._usage(state, item), worker_id=batch.worker_id,
                                    max_new_tokens_scaled_from=item.max_new_tokens_scaled_from))
             elif item.finish_reason is not None:
                 text += state.detok.flush()
                 out.append(TextOut(rid=item.rid, text=text, finish_reason=item.finish_reason,
                                    usage=self._usage(state, item), error=item.error, status=item.status,
+                                   worker_id=batch.worker_id,
                                    max_new_tokens_scaled_from=item.max_new_tokens_scaled_from))
             elif text:
                 out.append(TextOut(rid=item.rid, text=text))
@@ -154,7 +159,8 @@ class TokenizerService:
     @staticmethod
     def _usage(state: ReqState, item: TokenOut) -> Usage:
         return Usage(prompt_tokens=item.prompt_tokens or state.prompt_tokens,
-                     completion_tokens=item.completion_tokens, cached_tokens=item.cached_tokens)
+                     completion_tokens=item.completion_tokens or state.generated,
+                     cached_tokens=item.cached_tokens or state.cached)
 
     def on_abort(self, rid: str) -> None:
         # The gateway gave up on this request; the worker's final item will clean the state.

@@ -278,6 +278,8 @@ class Gateway:
         event: dict[str, Any] = {"event": "done", "finish_reason": item.finish_reason, "usage": self.usage_dict(item, openai=False)}
         if item.max_new_tokens_scaled_from is not None:
             event["max_new_tokens_scaled_from"] = item.max_new_tokens_scaled_from
+        if item.worker_id >= 0:
+            event["worker_id"] = item.worker_id
         return event
 
     # ------------------------------------------------------------ OpenAI-compatible
