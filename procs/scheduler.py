@@ -8,12 +8,14 @@ Out: Dispatch / AbortReq / InsertPrefix / FlushCache to workers; TokenBatch (err
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
-from transformers import AutoTokenizer
+
 
 from minisgl import ipc
 from minisgl.config import ServerConfig
@@ -35,6 +37,9 @@ from minisgl.messages import (
 )
 from minisgl.scheduler.core import SchedulerCore
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 log = logging.getLogger("minisgl.scheduler")
 
 CONTROL_COMMANDS = ("metrics", "warm", "insert_prefix", "flush_cache", "health")
@@ -44,7 +49,6 @@ class SchedulerProcess:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.core = SchedulerCore(cfg, cfg.workers)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)  # for text prefixes (warm-up)
         self.ctx = zmq.Context()
         self.pull = ipc.bind_pull(self.ctx, cfg.endpoint("scheduler"))
         self.to_workers = [ipc.connect_push(self.ctx, cfg.endpoint(f"worker-{i}")) for i in range(cfg.workers)]
@@ -117,6 +121,13 @@ class SchedulerProcess:
     def fail(self, items: list[TokenOut]) -> None:
         if items:
             ipc.send(self.to_tokenizer, TokenBatch(worker_id=-1, items=items))
+
+    @functools.cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """For text prefixes sent to `warm` / `insert_prefix`; loaded on first use (it is slow to import)."""
+        
+
+        return AutoTokenizer.from_pretrained(self.cfg.model_path)
 
     # ------------------------------------------------------------ control channel
 
