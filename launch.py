@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -178,11 +179,22 @@ def resolve_config(cfg: ServerConfig) -> ServerConfig:
         import torch
 
         workers = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else workers
+    check_port_free(cfg.host, cfg.port)
     runtime_dir = cfg.runtime_dir or tempfile.mkdtemp(prefix="minisgl-")
     os.chmod(runtime_dir, 0o700)  # the sockets inside accept anyone who can reach them
     served = cfg.served_model_name or cfg.model_name or model_dir.name
     return msgspec.structs.replace(cfg, model_path=str(model_dir), backend=backend, workers=workers,
                                    runtime_dir=runtime_dir, served_model_name=served)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before loading any model when the HTTP port is taken (the gateway binds it last)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise RuntimeError(f"cannot listen on {host}:{port}: {e.strerror}; is another server running there?") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

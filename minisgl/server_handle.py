@@ -41,12 +41,17 @@ class ServerHandle:
         self._log_file = None
 
     def start(self) -> "ServerHandle":
+        if self.proc is not None and self.proc.poll() is None:
+            return self  # already running: never start a second tree
         cmd = [sys.executable, str(REPO_ROOT / "launch.py"), "--host", "127.0.0.1", "--port", str(self.port), *self.args]
         out = None
         if self.log_path:
             self._log_file = open(self.log_path, "ab")
             out = self._log_file
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        # Own process group: a Ctrl-C meant for the caller (e.g. the CLI demo) does not reach the server;
+        # stop() ends it in order.
+        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=self.env, stdout=out,
+                                     stderr=subprocess.STDOUT if out else None, process_group=0)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
