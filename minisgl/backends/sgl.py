@@ -1,0 +1,283 @@
+"""The `sgl` backend: our batching engine (minisgl.engine) on CUDA with fast kernels.
+
+What differs from the `torch` backend (same scheduling, radix cache, sampling):
+
+  - decode attention is a Triton paged kernel reading K/V straight from the pool through the
+    req -> slot table (`minisgl/engine/triton_attention.py`), instead of a gather into a padded batch;
+  - decode tokens run in a CUDA graph of the whole forward, captured per batch size and padded up to
+    the next one (`minisgl/engine/cuda_graph.py`); a mixed step replays the graph for its decode
+    tokens and runs its prefill chunks eagerly right after (their Python launches overlap the graph
+    on the GPU); prefill attention is torch SDPA (flash for a cold prompt);
+  - each step's host-side indices go to the GPU in one pinned copy; sampling stays on the GPU with one
+    `.tolist()` per step (the engine's sampler).
+
+sgl_kernel is looked for and the kernel path is logged with the reason; no sgl_kernel path exists yet,
+so it is Triton either way. Options, through BackendConfig.extra: cuda_graph=0 turns the graphs off,
+cuda_graph_max_bs=N caps the largest captured batch (default min(max_running, 512)).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from minisgl.backends.base import Backend, BackendConfig, BackendStats, StepOutput, register_backend
+from minisgl.cache.kv_pool import kv_bytes_per_token, tokens_for_memory
+from minisgl.engine.engine import Engine, EngineConfig
+from minisgl.messages import TokenizedReq
+
+if TYPE_CHECKING:  # the CUDA / Triton modules are imported only once a GPU is known to be there
+    from minisgl.engine.cuda_graph import GraphStep
+    from minisgl.engine.triton_attention import SGLContext
+
+log = logging.getLogger("minisgl.sgl_backend")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_GRAPH_MAX_BS = 512
+
+
+def kernel_path() -> tuple[str, str]:
+    """(which kernels, why) for the log line."""
+    try:
+        import sgl_kernel  # noqa: F401
+    except Exception as e:  # ImportError, or a CUDA/ABI mismatch raised at import
+        return "triton", f"sgl_kernel is not importable ({type(e).__name__}: {e})"
+    return "triton", "sgl_kernel imports, but this backend has no sgl_kernel path yet"
+
+
+def require_cuda(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise RuntimeError(f"the sgl backend runs on CUDA only, not on device {device!r}; "
+                           "use BACKEND_IMPL=torch for CPU/MPS")
+    if not torch.cuda.is_available():
+        raise RuntimeError("the sgl backend needs a CUDA GPU, and torch sees none "
+                           f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+                           "use BACKEND_IMPL=torch on this machine")
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"the sgl backend needs Triton ({e}); pip install triton") from e
+    return dev
+
+
+class _ModelCall:
+    """Stands in for the model in Engine._run (`self.model(ids, positions, ctx)`): replays a CUDA graph
+    for a decode-only step, else runs the model eagerly."""
+
+    def __init__(self, engine: SGLEngine) -> None:
+        self.engine = engine
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        return self.engine.forward(ids, positions, ctx)
+
+
+class SGLEngine(Engine):
+    """The engine with the sgl step: its own batch layout and context, and graph replay for decode."""
+
+    def __init__(self, model: torch.nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 cuda_graph_max_bs: int = DEFAULT_GRAPH_MAX_BS, warm_kernels: bool = True) -> None:
+        from minisgl.engine.cuda_graph import DecodeGraphs
+        from minisgl.engine.triton_attention import decode_params
+
+        super().__init__(model, config, device, dtype)
+        self.lm = model
+        self.model = _ModelCall(self)  # type: ignore[assignment]
+        self.step_kinds = {"graph": 0, "graph+eager": 0, "eager": 0}  # forwards run each way
+        mc = model.config
+        self.num_heads, self.num_kv_heads = mc.num_heads, mc.num_kv_heads
+        self.group = mc.num_heads // mc.num_kv_heads
+        cuda = self.device.type == "cuda"  # the engine also runs on CPU (Triton interpreter) for tests
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 4
+        self._pin = cuda
+        self._params = lambda b: decode_params(b, self.num_kv_heads, self.num_sms)
+        if warm_kernels:
+            self._warm_kernels()
+        self.graphs: DecodeGraphs | None = None
+        max_bs = min(cuda_graph_max_bs, config.max_running) if cuda else 0
+        if max_bs > 0:
+            self.graphs = DecodeGraphs(model, self.pool, self.table, max_bs, self.num_heads, self.num_kv_heads,
+                                       self.device, self.num_sms)
+            self.graphs.capture()
+
+    def _warm_kernels(self) -> None:
+        """Compile the decode kernel for every split count an eager (mixed) step can use, so no Triton
+        compile lands inside a timed run."""
+        from minisgl.engine.triton_attention import decode_attention
+
+        seen: dict[tuple[int, int], int] = {}
+        for b in range(1, self.config.max_running + 1):
+            seen.setdefault(self._params(b), b)
+        dev = self.device
+        head_dim = self.pool.k.shape[-1]
+        for (splits, block_n), b in seen.items():
+            q = torch.zeros(b, self.num_heads, head_dim, dtype=self.pool.dtype, device=dev)
+            meta = torch.zeros(2 * _even(b), dtype=torch.int64, device=dev)
+            meta[_even(b):_even(b) + b] = 1
+            decode_attention(q, self.pool.k[0], self.pool.v[0], self.table, meta[:b], meta[_even(b):_even(b) + b],
+                             splits, block_n=block_n)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        from minisgl.engine.cuda_graph import GraphStep
+
+        if isinstance(ctx, GraphStep):
+            assert self.graphs is not None
+            self.step_kinds["graph"] += 1
+            return self.graphs.replay(ctx)
+        if isinstance(ctx, SplitStep):
+            assert self.graphs is not None
+            self.step_kinds["graph+eager"] += 1
+            decode_logits = self.graphs.replay(ctx.decode)  # queued; the GPU runs it while we launch the rest
+            prefill_logits = self.lm(ids, positions, ctx.prefill)
+            return torch.cat([decode_logits, prefill_logits])
+        self.step_kinds["eager"] += 1
+        return self.lm(ids, positions, ctx)
+
+    def _build_batch(self, decode, decode_slots, chunks):  # type: ignore[override]
+        """As Engine._build_batch (tokens laid out [decode | chunk 1 | chunk 2 ...]), but the decode
+        attention reads the slot table by row and every host index travels in one pinned copy. When the
+        decode batch fits a CUDA graph, its tokens go to the graph, and the step's prefill chunks (if any)
+        run eagerly after it as a second forward (a SplitStep): the Python launches of the prefill then
+        overlap the graph's GPU work instead of the whole mixed batch being launched op by op."""
+        b = len(decode)  # narration and the decode-step count are Engine._run's (after the forward)
+        if b and self.graphs is not None and b <= self.graphs.max_bs:
+            assert decode_slots is not None
+            ids_t, pos_t, step = self.graphs.prepare([r.all_ids[-1] for r in decode], [r.kv_len for r in decode],
+                                                     [r.row for r in decode], decode_slots)
+            if not chunks:
+                return ids_t, pos_t, step, list(decode)
+            ids_t, pos_t, ctx, prefill_reqs = self._eager_batch([], None, chunks)
+            return ids_t, pos_t, SplitStep(step, ctx), list(decode) + prefill_reqs
+        return self._eager_batch(decode, decode_slots, chunks)
+
+    def _eager_batch(self, decode, decode_slots, chunks):
+        from minisgl.engine.triton_attention import Segment, SGLContext, prefix_mask
+
+        dev = self.device
+        b = len(decode)
+        ids = [r.all_ids[-1] for r in decode]
+        pos = [r.kv_len for r in decode]
+        rows = [r.row for r in decode]
+        positions = list(pos)
+        logits_idx = list(range(b))
+        sample_reqs = list(decode)
+        write = [decode_slots] if b else []
+        specs = []
+        start = b
+        for c in chunks:
+            r, k0 = c.req, c.req.kv_len
+            ids.extend(r.all_ids[k0:k0 + c.n])
+            positions.extend(range(k0, k0 + c.n))
+            self.table[r.row, k0:k0 + c.n] = c.slots
+            write.append(c.slots)
+            specs.append((start, c.n, r.row, k0))
+            start += c.n
+            if k0 + c.n == len(r.all_ids) and not r.warmup:  # prompt complete: sample from its last token
+                logits_idx.append(start - 1)
+                sample_reqs.append(r)
+        total, eb = start, _even(b)
+        # [rows | seq lens | ids | positions | logits indices]; rows and lens 16-byte aligned
+        host = torch.tensor(rows + [0] * (eb - b) + [p + 1 for p in pos] + [0] * (eb - b) + ids + positions
+                            + logits_idx, dtype=torch.int64, pin_memory=self._pin)
+        flat = host.to(dev, non_blocking=True)
+        rows_t, lens_t = flat[:b], flat[eb:eb + b]
+        ids_t = flat[2 * eb:2 * eb + total]
+        pos_t = flat[2 * eb + total:2 * eb + 2 * total]
+        logits_t = flat[2 * eb + 2 * total:]
+        if b:
+            self.table[rows_t, pos_t[:b]] = decode_slots
+        segments = []
+        for s, n, row, k0 in specs:
+            if k0:
+                segments.append(Segment(s, s + n, self.table[row, :k0 + n], prefix_mask(k0, n, self.group, dev)))
+            else:
+                segments.append(Segment(s, s + n, None))
+        splits, block_n = self._params(b) if b else (1, 64)
+        ctx = SGLContext(self.pool, torch.cat(write) if len(write) > 1 else write[0], logits_t, b, self.table,
+                         rows_t, lens_t, segments, splits, self.num_heads, block_n)
+        return ids_t, pos_t, ctx, sample_reqs
+
+
+@dataclass
+class SplitStep:
+    """A mixed step run as a decode graph replay plus an eager forward over the prefill chunks."""
+
+    decode: GraphStep
+    prefill: SGLContext
+
+
+def _even(n: int) -> int:
+    return n + (n & 1)
+
+
+@register_backend("sgl")
+class SGLBackend(Backend):
+    def __init__(self, config: BackendConfig) -> None:
+        super().__init__(config)
+        device = require_cuda(config.device)
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if config.dtype != "auto" and config.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {config.dtype!r}; choose auto or one of {sorted(DTYPES)}")
+        kernels, why = kernel_path()
+        log.info("sgl backend kernels: %s, because %s", kernels, why)
+        from minisgl.models.loader import load_model
+
+        model = load_model(config.model_path, device, DTYPES.get(config.dtype), config.load_format, seed=config.seed)
+        self.model = model
+        mc = model.config
+        dtype = next(model.parameters()).dtype
+        self.dtype = dtype
+        max_len = config.max_model_len or mc.max_position_embeddings
+        per_token = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
+        kv_tokens = config.kv_cache_tokens or min(tokens_for_memory(config.kv_memory_fraction, per_token, device),
+                                                  config.max_running * max_len)
+        if kv_tokens < 256:
+            raise RuntimeError(f"not enough free GPU memory for a KV cache ({kv_tokens} tokens); "
+                               "set kv_cache_tokens or free some memory")
+        graphs_on = config.extra.get("cuda_graph", "1").lower() not in ("0", "false", "no", "off")
+        max_bs = int(config.extra.get("cuda_graph_max_bs", DEFAULT_GRAPH_MAX_BS)) if graphs_on else 0
+        self.engine = SGLEngine(model, EngineConfig(
+            num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+            kv_tokens=kv_tokens, max_context_len=max_len, max_running=config.max_running,
+            chunk_size=config.chunk_size, narrate=config.narrate, seed=config.seed), device, dtype, max_bs)
+        g = self.engine.graphs
+        log.info("sgl backend: %s on %s (%s, %s), KV pool %d tokens (%.2f GiB), context %d, decode graphs %s",
+                 mc.architecture, device, torch.cuda.get_device_name(device), dtype, kv_tokens,
+                 self.engine.pool.nbytes() / 2**30, self.engine.max_context_len,
+                 f"up to batch {g.max_bs} ({len(g.sizes)} sizes, {g.capture_s:.1f}s)" if g else "off")
+
+    def add_request(self, req: TokenizedReq) -> None:
+        self.engine.add_request(req)
+
+    def abort(self, rid: str) -> None:
+        self.engine.abort(rid)
+
+    def has_work(self) -> bool:
+        return self.engine.has_work()
+
+    def step(self) -> StepOutput:
+        return self.engine.step()
+
+    def insert_prefix(self, input_ids: list[int]) -> None:
+        self.engine.insert_prefix(input_ids)
+
+    def flush_cache(self) -> None:
+        self.engine.flush_cache()
+
+    def stats(self) -> BackendStats:
+        return self.engine.stats()
+
+    def max_context_len(self) -> int:
+        return self.engine.max_context_len
+
+    def shutdown(self) -> None:
+        self.engine.graphs = None
+        torch.cuda.synchronize()

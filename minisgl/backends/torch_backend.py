@@ -1,0 +1,105 @@
+"""The `torch` backend: our batching engine (minisgl.engine) with portable torch ops, for CPU and MPS.
+
+It loads the model with our own loader, sizes the paged KV pool, and forwards every call to the
+engine. Everything interesting (scheduling, paged attention, sampling) lives in minisgl.engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from minisgl.backends.base import Backend, BackendConfig, BackendStats, StepOutput, register_backend
+from minisgl.cache.kv_pool import kv_bytes_per_token, tokens_for_memory
+from minisgl.engine.cpu_linear import cpu_has_amx, pack_linears
+from minisgl.engine.engine import Engine, EngineConfig
+from minisgl.messages import TokenizedReq
+from minisgl.models.loader import load_model
+
+log = logging.getLogger("minisgl.torch_backend")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# On a host-memory device the pool competes with everything else on the box; more than this many
+# tokens buys nothing for the small models a CPU serves.
+CPU_MAX_KV_TOKENS = 65536
+
+
+def cpu_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+@register_backend("torch")
+class TorchBackend(Backend):
+    def __init__(self, config: BackendConfig) -> None:
+        super().__init__(config)
+        device = torch.device(config.device)
+        if device.type == "cpu":
+            torch.set_num_threads(cpu_threads())
+        model = load_model(config.model_path, device, self._dtype(), config.load_format, seed=config.seed)
+        packed = pack_linears(model) if self._amx_linears(device) else 0
+        mc = model.config
+        dtype = next(model.parameters()).dtype
+        max_len = config.max_model_len or mc.max_position_embeddings
+        kv_tokens = config.kv_cache_tokens or self._kv_tokens_from_memory(
+            device, kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype), max_len)
+        self.engine = Engine(model, EngineConfig(
+            num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+            kv_tokens=kv_tokens, max_context_len=max_len, max_running=config.max_running,
+            chunk_size=config.chunk_size, narrate=config.narrate, seed=config.seed), device, dtype)
+        amx = f", {packed} linears as packed bfloat16 AMX matmuls" if packed else ""
+        log.info("torch backend: %s on %s (%s%s), KV pool %d tokens (%.2f GiB), context %d, threads %d",
+                 mc.architecture, device, dtype, amx, kv_tokens, self.engine.pool.nbytes() / 2**30,
+                 self.engine.max_context_len, torch.get_num_threads())
+
+    def _dtype(self) -> torch.dtype | None:
+        """None (auto): the loader's choice, the checkpoint's dtype on CUDA and float32 elsewhere."""
+        if self.config.dtype == "auto":
+            return None
+        if self.config.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.config.dtype!r}; choose auto or one of {sorted(DTYPES)}")
+        return DTYPES[self.config.dtype]
+
+    def _amx_linears(self, device: torch.device) -> bool:
+        """On CPUs with AMX, run the linears as packed bfloat16 matmuls (engine/cpu_linear.py): for a
+        bfloat16 model, and by default (auto) for a float32 one, whose norms, attention, KV cache and
+        logits stay float32. dtype=float32 keeps every op float32, bit-comparable with transformers."""
+        return device.type == "cpu" and self.config.dtype in ("auto", "bfloat16") and cpu_has_amx()
+
+    def _kv_tokens_from_memory(self, device: torch.device, per_token: int, max_len: int) -> int:
+        tokens = tokens_for_memory(self.config.kv_memory_fraction, per_token, device)
+        tokens = min(tokens, self.config.max_running * max_len)  # more could never be used
+        if device.type != "cuda":
+            tokens = min(tokens, CPU_MAX_KV_TOKENS)
+        if tokens < 256:
+            raise RuntimeError(f"not enough free memory for a KV cache ({tokens} tokens); "
+                               "set kv_cache_tokens or free some memory")
+        return tokens
+
+    def add_request(self, req: TokenizedReq) -> None:
+        self.engine.add_request(req)
+
+    def abort(self, rid: str) -> None:
+        self.engine.abort(rid)
+
+    def has_work(self) -> bool:
+        return self.engine.has_work()
+
+    def step(self) -> StepOutput:
+        return self.engine.step()
+
+    def insert_prefix(self, input_ids: list[int]) -> None:
+        self.engine.insert_prefix(input_ids)
+
+    def flush_cache(self) -> None:
+        self.engine.flush_cache()
+
+    def stats(self) -> BackendStats:
+        return self.engine.stats()
+
+    def max_context_len(self) -> int:
+        return self.engine.max_context_len

@@ -1,0 +1,408 @@
+"""The continuous-batching engine: admission, chunked prefill mixed with batched decode, sampling.
+
+One `step()` is one forward pass over a mixed batch:
+
+    [ one token of every decoding request | prefill chunks, at most `chunk_size` tokens in all ]
+
+Decode tokens always go in, so a long prompt never stalls running streams: it is cut into chunks that
+ride along with the decode tokens of the following steps. Scheduling per step, oldest request first:
+
+  1. decode: one new KV slot per decoding request. When the pool (free + evictable cached prefixes) is
+     short, the newest running request is preempted: its computed tokens go to the prefix cache (so
+     recomputing them later is often a cache hit), it releases everything else and is requeued at the
+     front; the tokens it already emitted are kept and never re-emitted.
+  2. prefill: continue running requests' unfinished prompts, then admit waiting requests (matching their
+     longest cached prefix, locking it, and allocating only for the rest) while the token budget, free
+     rows and KV allow. Warm-up requests (`insert_prefix`) are admitted only when nothing else waits.
+  3. run the model once, sample every request whose prompt is now complete or that is decoding, and
+     emit one TokenOut per request. Finished requests hand their KV (prompt + output minus the newest
+     token, which has none) to the radix cache and drop their locks.
+
+A request whose prompt finished prefilling also caches its prompt right away, so identical prefixes
+arriving a moment later share it. Request state is in `request.py`, sampling in `sampler.py`, the
+paged-attention context in `attention.py`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from minisgl.backends.base import BackendStats, StepOutput
+from minisgl.cache.kv_cache import KVCache
+from minisgl.cache.kv_pool import KVPool
+from minisgl.engine.attention import PagedAttention, PrefillSegment, prefix_causal_mask
+from minisgl.engine.request import Req, Status
+from minisgl.engine.sampler import Sampler
+from minisgl.messages import (FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, SamplingParams,
+                              TokenizedReq, TokenOut)
+
+logger = logging.getLogger("minisgl.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    kv_tokens: int  # KV pool size in tokens
+    max_context_len: int  # prompt + generated tokens of one request, at most
+    max_running: int = 64
+    chunk_size: int = 512
+    narrate: bool = False
+    seed: int = 0
+
+
+@dataclass
+class _Chunk:
+    req: Req
+    n: int
+    slots: torch.Tensor
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, config: EngineConfig, device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        self.model = model
+        self.config = config
+        self.device = torch.device(device)
+        self.pool = KVPool(config.num_layers, config.num_kv_heads, config.head_dim, config.kv_tokens,
+                           dtype, self.device)
+        self.kv = KVCache(self.pool)
+        self.max_context_len = min(config.max_context_len, config.kv_tokens)
+        # req -> token slots: row r, column i is the slot of token i of the request holding row r
+        self.table = torch.zeros(config.max_running, self.max_context_len + 1, dtype=torch.int64,
+                                 device=self.device)
+        self.free_rows = list(range(config.max_running - 1, -1, -1))
+        self.sampler = Sampler(self.device, config.seed)
+        self.reqs: dict[str, Req] = {}  # every request not yet finished
+        self.waiting: deque[Req] = deque()
+        self.warmups: deque[Req] = deque()
+        self.running: list[Req] = []  # admission order (Req.seq)
+        self._finals: list[TokenOut] = []  # final items of aborted / rejected requests
+        self._finished: list[str] = []
+        self._seq = 0
+        self._prefix_ids = 0
+        self._decode_steps = 0
+        self.cached_tokens_total = 0
+        self.prompt_tokens_total = 0
+        self.preemptions = 0
+
+    # ------------------------------------------------------------------ intake
+
+    def add_request(self, req: TokenizedReq) -> None:
+        if req.rid in self.reqs:  # a bug upstream; answering would mix two streams, crashing is worse
+            logger.error("ignoring a second request with the live id %r", req.rid)
+            return
+        r = Req(req.rid, req.input_ids, req.params, eos_token_ids=req.eos_token_ids, warmup=req.warmup,
+                scaled_from=req.max_new_tokens_scaled_from)
+        error = self._validate(r)
+        if error is not None:
+            if r.warmup:
+                logger.warning("dropping warm-up %s: %s", r.rid, error)
+            else:
+                self._finals.append(TokenOut(rid=r.rid, finish_reason=FINISH_ERROR, error=error,
+                                             status=400, prompt_tokens=r.prompt_len))
+            self._finished.append(r.rid)
+            return
+        self._enqueue(r)
+
+    def insert_prefix(self, input_ids: list[int]) -> None:
+        """Prefill input_ids into the prefix cache; emits nothing."""
+        if not input_ids or len(input_ids) > self.max_context_len:
+            logger.warning("insert_prefix: ignoring a prefix of %d tokens (limit %d)", len(input_ids),
+                           self.max_context_len)
+            return
+        self._prefix_ids += 1
+        params = SamplingParams(max_new_tokens=1)
+        self._enqueue(Req(f"__prefix-{self._prefix_ids}", input_ids, params, warmup=True, report=False))
+
+    def _validate(self, r: Req) -> str | None:
+        if r.prompt_len == 0:
+            return "the prompt is empty"
+        if r.max_new_tokens < 1 and not r.warmup:
+            return "max_new_tokens must be at least 1"
+        total = r.prompt_len + (0 if r.warmup else r.max_new_tokens)
+        if total > self.max_context_len:
+            return (f"prompt ({r.prompt_len} tokens) + max_new_tokens ({r.max_new_tokens}) = {total} "
+                    f"exceeds this worker's context length of {self.max_context_len} tokens")
+        return None
+
+    def _enqueue(self, r: Req) -> None:
+        self.reqs[r.rid] = r
+        (self.warmups if r.warmup else self.waiting).append(r)
+
+    @torch.inference_mode()
+    def abort(self, rid: str) -> None:
+        r = self.reqs.get(rid)
+        if r is None:
+            return
+        if r.status is Status.RUNNING:
+            self._release(r)
+            self.running.remove(r)
+        else:
+            (self.warmups if r.warmup else self.waiting).remove(r)
+        self._retire(r)
+        if r.report and not r.warmup:
+            self._finals.append(self._final_item(r, FINISH_ABORT))
+
+    @torch.inference_mode()
+    def flush_cache(self) -> None:
+        self.kv.flush()
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self.warmups or self._finals or self._finished)
+
+    def stats(self) -> BackendStats:
+        return BackendStats(running=len(self.running), waiting=len(self.waiting),
+                            kv_used_tokens=self.pool.total - self.kv.available,
+                            kv_total_tokens=self.pool.total,
+                            cached_tokens_total=self.cached_tokens_total,
+                            prompt_tokens_total=self.prompt_tokens_total)
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.inference_mode()
+    def step(self) -> StepOutput:
+        out = StepOutput(outputs=self._finals)
+        self._finals = []
+        decode, decode_slots, chunks = self._schedule()
+        if decode or chunks:
+            self._run(decode, decode_slots, chunks, out)
+        out.finished, self._finished = self._finished, []
+        out.cache_inserted, out.cache_evicted = self.kv.drain_logs()
+        return out
+
+    def _schedule(self) -> tuple[list[Req], torch.Tensor | None, list[_Chunk]]:
+        # 1. decode: every running request with exactly its newest token to process
+        decode = [r for r in self.running if r.pending == 1 and not r.warmup]
+        while decode and self.kv.available < len(decode):
+            victim = self._victim()
+            self._preempt(victim)
+            if victim in decode:
+                decode.remove(victim)
+        decode_slots = self.kv.alloc(len(decode)) if decode else None
+        # 2. prefill chunks, oldest first; 3. admission
+        while True:
+            chunks = self._continue_prefills()
+            self._admit(chunks)
+            if decode or chunks or len(self.running) <= 1:
+                break
+            # every running request is mid-prefill and the pool is full: make room, try again
+            self._preempt(self._victim())
+        if not decode and not chunks and self.running:
+            r = self.running[0]  # cannot happen when max_context_len <= pool size; fail, never hang
+            self._release(r)
+            self.running.remove(r)
+            self._retire(r)
+            self._finals.append(self._final_item(r, FINISH_ERROR, "out of KV cache memory"))
+        return decode, decode_slots, chunks
+
+    def _continue_prefills(self) -> list[_Chunk]:
+        chunks: list[_Chunk] = []
+        budget = self.config.chunk_size
+        for r in self.running:
+            if budget <= 0:
+                break
+            if r.pending > 1 or (r.warmup and r.pending > 0):
+                n = min(r.pending, budget, self.kv.available)
+                if n <= 0:
+                    break
+                slots = self.kv.alloc(n)
+                assert slots is not None
+                chunks.append(_Chunk(r, n, slots))
+                budget -= n
+        return chunks
+
+    def _admit(self, chunks: list[_Chunk]) -> None:
+        budget = self.config.chunk_size - sum(c.n for c in chunks)
+        while budget > 0 and self.free_rows:
+            queue = self.waiting or self.warmups
+            if not queue:
+                return
+            r = queue[0]
+            # leave one prompt token uncached: its logits give the first output token
+            match_ids = r.all_ids if r.warmup else r.all_ids[:-1]
+            length, node, cached_slots = self.kv.match(match_ids)
+            # keep one slot per running request free for its next decode token
+            headroom = len(self.running) + 1 if self.running else 0
+            n = min(len(r.all_ids) - length, budget, self.kv.available - headroom)
+            if n <= 0 and not (r.warmup and length == len(r.all_ids)):
+                self.kv.unlock(node)
+                return
+            queue.popleft()
+            r.status = Status.RUNNING
+            r.row = self.free_rows.pop()
+            r.node, r.kv_len, r.cached_len = node, length, length
+            if length:
+                self.table[r.row, :length] = cached_slots
+            if not r.started:
+                r.started = True
+                self._seq += 1
+                r.seq = self._seq
+                if not r.warmup:
+                    r.cached_tokens = length
+                    self.cached_tokens_total += length
+                    self.prompt_tokens_total += r.prompt_len
+                    if r.params.seed is not None:
+                        r.generator = self.sampler.request_generator(r.params.seed)
+            bisect.insort(self.running, r, key=lambda x: x.seq)
+            if n <= 0:  # a warm-up whose whole prefix is already cached
+                self._finish_warmup(r)
+                continue
+            slots = self.kv.alloc(n)
+            assert slots is not None
+            chunks.append(_Chunk(r, n, slots))
+            budget -= n
+
+    def _victim(self) -> Req:
+        """Warm-ups go first, then the newest request."""
+        for r in reversed(self.running):
+            if r.warmup:
+                return r
+        return self.running[-1]
+
+    # ------------------------------------------------------------------ forward + sample
+
+    def _run(self, decode: list[Req], decode_slots: torch.Tensor | None, chunks: list[_Chunk],
+             out: StepOutput) -> None:
+        t0 = time.perf_counter() if self.config.narrate else 0.0
+        ids, positions, ctx, sample_reqs = self._build_batch(decode, decode_slots, chunks)
+        logits = self.model(ids, positions, ctx)
+        for r in decode:
+            r.kv_len += 1
+        for c in chunks:
+            c.req.kv_len += c.n
+        tokens = self.sampler.sample(logits, sample_reqs) if sample_reqs else []
+        if self.config.narrate:
+            self._narrate(decode, chunks, time.perf_counter() - t0)
+        for r, tok in zip(sample_reqs, tokens):
+            self._append_token(r, tok, out)
+        for c in chunks:
+            r = c.req
+            if r.status is not Status.RUNNING:
+                continue
+            if r.warmup and r.pending == 0:
+                self._finish_warmup(r)
+            else:  # cache the prompt computed so far, so requests arriving now can share it
+                self._cache_running(r)
+
+    def _build_batch(self, decode: list[Req], decode_slots: torch.Tensor | None, chunks: list[_Chunk]
+                     ) -> tuple[torch.Tensor, torch.Tensor, PagedAttention, list[Req]]:
+        """Lay the step's tokens out flat (decode first, then the chunks), record their slots in the
+        table, and build every index the attention needs, once for all layers."""
+        dev = self.device
+        ids: list[int] = [r.all_ids[-1] for r in decode]
+        write: list[torch.Tensor] = []
+        positions: list[torch.Tensor] = []
+        b = len(decode)
+        table_dec = lens_dec = None
+        if b:
+            assert decode_slots is not None
+            rows = torch.tensor([r.row for r in decode], device=dev)
+            pos_list = [r.kv_len for r in decode]
+            pos = torch.tensor(pos_list, device=dev)
+            self.table[rows, pos] = decode_slots
+            lens_dec = pos + 1
+            table_dec = self.table[rows, : max(pos_list) + 1]
+            write.append(decode_slots)
+            positions.append(pos)
+        segments: list[PrefillSegment] = []
+        logits_idx = list(range(b))
+        sample_reqs = list(decode)
+        start = b
+        for c in chunks:
+            r, k0 = c.req, c.req.kv_len
+            ids.extend(r.all_ids[k0:k0 + c.n])
+            self.table[r.row, k0:k0 + c.n] = c.slots
+            write.append(c.slots)
+            positions.append(torch.arange(k0, k0 + c.n, device=dev))
+            if k0:  # part of the sequence is in the pool already: attend over it, causal with an offset
+                segments.append(PrefillSegment(start, start + c.n, self.table[r.row, :k0 + c.n],
+                                               prefix_causal_mask(k0, c.n, dev)))
+            else:
+                segments.append(PrefillSegment(start, start + c.n, c.slots, None))
+            start += c.n
+            if k0 + c.n == len(r.all_ids) and not r.warmup:  # prompt complete: sample from its last token
+                logits_idx.append(start - 1)
+                sample_reqs.append(r)
+        ctx = PagedAttention(self.pool, torch.cat(write) if len(write) > 1 else write[0],
+                             torch.tensor(logits_idx, dtype=torch.int64, device=dev), b, table_dec,
+                             lens_dec, segments)
+        return torch.tensor(ids, dtype=torch.int64, device=dev), torch.cat(positions), ctx, sample_reqs
+
+    def _narrate(self, decode: list[Req], chunks: list[_Chunk], seconds: float) -> None:
+        ms = seconds * 1000
+        for c in chunks:  # kv_len has moved past the chunk already
+            logger.info("prefill rid=%s %d new tokens (%d cached), step %.0f ms", c.req.rid, c.n,
+                        c.req.kv_len - c.n, ms)
+        if decode:
+            self._decode_steps += 1
+            logger.info("decode step %d: batch of %d, %.0f ms", self._decode_steps, len(decode), ms)
+
+    def _append_token(self, r: Req, tok: int, out: StepOutput) -> None:
+        r.all_ids.append(tok)
+        reason = None
+        if tok in r.stop_ids:
+            reason = FINISH_STOP
+        elif r.num_output >= r.max_new_tokens:
+            reason = FINISH_LENGTH
+        if reason is None:
+            out.outputs.append(TokenOut(rid=r.rid, token_ids=[tok], max_new_tokens_scaled_from=r.scaled_from))
+            return
+        item = self._final_item(r, reason)
+        item.token_ids = [tok]
+        out.outputs.append(item)
+        self._release(r)
+        self.running.remove(r)
+        self._retire(r)
+
+    # ------------------------------------------------------------------ KV ownership
+
+    def _cache_running(self, r: Req) -> None:
+        """Move r's computed tokens into the tree and re-lock them (r keeps running on them)."""
+        tokens = r.all_ids[:r.kv_len]
+        assert r.node is not None
+        self.kv.cache(tokens, self.table[r.row, :r.kv_len].clone(), r.cached_len, r.node)
+        length, node, slots = self.kv.match(tokens)
+        assert length == r.kv_len
+        self.table[r.row, :length] = slots  # duplicates were freed: point at the tree's copies
+        r.node, r.cached_len = node, length
+
+    def _release(self, r: Req) -> None:
+        """Give r's KV to the prefix cache, drop its lock and its table row."""
+        assert r.node is not None
+        self.kv.cache(r.all_ids[:r.kv_len], self.table[r.row, :r.kv_len].clone(), r.cached_len, r.node)
+        self.free_rows.append(r.row)
+        r.node, r.row, r.kv_len, r.cached_len = None, -1, 0, 0
+
+    def _preempt(self, r: Req) -> None:
+        self.preemptions += 1
+        logger.info("preempting rid=%s (%d tokens) to free KV; it will be recomputed", r.rid,
+                    len(r.all_ids))
+        self._release(r)
+        self.running.remove(r)
+        r.status = Status.WAITING
+        (self.warmups if r.warmup else self.waiting).appendleft(r)
+
+    def _finish_warmup(self, r: Req) -> None:
+        self._release(r)
+        self.running.remove(r)
+        self._retire(r)
+
+    def _retire(self, r: Req) -> None:
+        r.status = Status.FINISHED
+        del self.reqs[r.rid]
+        if r.report:
+            self._finished.append(r.rid)
+
+    def _final_item(self, r: Req, reason: str, error: str | None = None) -> TokenOut:
+        return TokenOut(rid=r.rid, finish_reason=reason, prompt_tokens=r.prompt_len,
+                        cached_tokens=r.cached_tokens, completion_tokens=r.num_output, error=error,
+                        status=200 if reason != FINISH_ERROR else 500,
+                        max_new_tokens_scaled_from=r.scaled_from)
