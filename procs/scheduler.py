@@ -125,8 +125,6 @@ class SchedulerProcess:
     @functools.cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """For text prefixes sent to `warm` / `insert_prefix`; loaded on first use (it is slow to import)."""
-
-
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.cfg.model_path)

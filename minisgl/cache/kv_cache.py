@@ -19,8 +19,7 @@ class KVCache:
     def __init__(self, pool: KVPool) -> None:
         self.pool = pool
         self.tree = RadixTree()
-        self.inserted: list[list[int]] = []  # drained by the engine once per step
-        self.evicted: list[list[int]] = []
+        self._log: list[tuple[bool, list[int]]] = []  # (inserted?, tokens), drained once per step
 
     @property
     def available(self) -> int:
@@ -33,7 +32,7 @@ class KVCache:
                 return None
             for ev in self.tree.evict(short):
                 self.pool.free(ev.value)
-                self.evicted.append(ev.tokens)
+                self._log.append((False, ev.tokens))
         return self.pool.alloc(n)
 
     def match(self, tokens: list[int]) -> tuple[int, RadixNode, torch.Tensor]:
@@ -54,7 +53,7 @@ class KVCache:
         if existing > locked_len:  # computed twice (another request cached them first): free ours
             self.pool.free(slots[locked_len:existing])
         if existing < len(tokens):
-            self.inserted.append(list(tokens))
+            self._log.append((True, list(tokens)))
         self.tree.unlock(node)
         return existing
 
@@ -64,6 +63,14 @@ class KVCache:
             self.pool.free(ev.value)
 
     def drain_logs(self) -> tuple[list[list[int]], list[list[int]]]:
-        ins, ev = self.inserted, self.evicted
-        self.inserted, self.evicted = [], []
-        return ins, ev
+        """(inserted, evicted) since the last call, as full sequences from the root. A reader applies the
+        evictions first, so an insertion cut short by a later eviction in the same step is left out
+        (the reader would otherwise believe it still fully cached)."""
+        log, self._log = self._log, []
+        inserted, evicted = [], []
+        for i, (is_insert, seq) in enumerate(log):
+            if not is_insert:
+                evicted.append(seq)
+            elif not any(not later_insert and seq[:len(e)] == e for later_insert, e in log[i + 1:]):
+                inserted.append(seq)
+        return inserted, evicted
