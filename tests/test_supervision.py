@@ -68,3 +68,31 @@ def test_sigkilled_launcher_leaves_no_orphans(default_model_dir, tmp_path_factor
     os.kill(server.pid, signal.SIGKILL)
     server.proc.wait()
     assert wait_for(lambda: not alive(pids), timeout=10), f"orphans: {alive(pids)}"
+
+
+def test_port_in_use_fails_fast_with_clear_error(default_model_dir) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from minisgl.server_handle import REPO_ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, str(REPO_ROOT / "launch.py"), "--port", str(port)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
+def test_bad_configuration_is_one_clear_line(default_model_dir) -> None:
+    import subprocess
+    import sys
+
+    from minisgl.server_handle import REPO_ROOT
+
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "launch.py"), "--scheduler-mode", "best_effort",
+                        "--port", "1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "SCHEDULER_MODE" in r.stderr and "Traceback" not in r.stderr
