@@ -46,6 +46,7 @@ class Collector:
         self.final: dict[str, TokenOut] = {}
         self.finished: list[str] = []
         self.steps = 0
+        self.evicted = 0  # cache evictions reported
 
     def step(self) -> None:
         out = self.engine.step()
@@ -59,6 +60,7 @@ class Collector:
             if item.finish_reason is not None:
                 self.final[item.rid] = item
         self.finished.extend(out.finished)
+        self.evicted += len(out.cache_evicted)
 
     def run(self, max_steps: int = 10_000) -> Collector:
         while self.engine.has_work():
