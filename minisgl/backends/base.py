@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from minisgl.messages import TokenizedReq, TokenOut
 
@@ -96,6 +96,37 @@ class Backend(abc.ABC):
 
     def shutdown(self) -> None:
         pass
+
+
+class EngineBackend(Backend):
+    """A backend whose work is done by our engine (minisgl.engine.Engine): `torch` and `sgl` differ only
+    in how they build it, so every call here just forwards to `self.engine`."""
+
+    engine: Any  # minisgl.engine.engine.Engine, imported lazily by the subclasses
+
+    def add_request(self, req: TokenizedReq) -> None:
+        self.engine.add_request(req)
+
+    def abort(self, rid: str) -> None:
+        self.engine.abort(rid)
+
+    def has_work(self) -> bool:
+        return self.engine.has_work()
+
+    def step(self) -> StepOutput:
+        return self.engine.step()
+
+    def insert_prefix(self, input_ids: list[int]) -> None:
+        self.engine.insert_prefix(input_ids)
+
+    def flush_cache(self) -> None:
+        self.engine.flush_cache()
+
+    def stats(self) -> BackendStats:
+        return self.engine.stats()
+
+    def max_context_len(self) -> int:
+        return self.engine.max_context_len
 
 
 BACKENDS: dict[str, Callable[[BackendConfig], Backend]] = {}

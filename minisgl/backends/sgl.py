@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from minisgl.backends.base import Backend, BackendConfig, BackendStats, StepOutput, register_backend
+from minisgl.backends.base import BackendConfig, EngineBackend, register_backend
 from minisgl.cache.kv_pool import kv_bytes_per_token, tokens_for_memory
 from minisgl.engine.engine import Engine, EngineConfig
-from minisgl.messages import TokenizedReq
 
 if TYPE_CHECKING:  # the CUDA / Triton modules are imported only once a GPU is known to be there
     from minisgl.engine.cuda_graph import GraphStep
@@ -216,7 +215,7 @@ def _even(n: int) -> int:
 
 
 @register_backend("sgl")
-class SGLBackend(Backend):
+class SGLBackend(EngineBackend):
     def __init__(self, config: BackendConfig) -> None:
         super().__init__(config)
         device = require_cuda(config.device)
@@ -253,30 +252,6 @@ class SGLBackend(Backend):
                  mc.architecture, device, torch.cuda.get_device_name(device), dtype, kv_tokens,
                  self.engine.pool.nbytes() / 2**30, self.engine.max_context_len,
                  f"up to batch {g.max_bs} ({len(g.sizes)} sizes, {g.capture_s:.1f}s)" if g else "off")
-
-    def add_request(self, req: TokenizedReq) -> None:
-        self.engine.add_request(req)
-
-    def abort(self, rid: str) -> None:
-        self.engine.abort(rid)
-
-    def has_work(self) -> bool:
-        return self.engine.has_work()
-
-    def step(self) -> StepOutput:
-        return self.engine.step()
-
-    def insert_prefix(self, input_ids: list[int]) -> None:
-        self.engine.insert_prefix(input_ids)
-
-    def flush_cache(self) -> None:
-        self.engine.flush_cache()
-
-    def stats(self) -> BackendStats:
-        return self.engine.stats()
-
-    def max_context_len(self) -> int:
-        return self.engine.max_context_len
 
     def shutdown(self) -> None:
         self.engine.graphs = None

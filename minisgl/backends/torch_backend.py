@@ -11,11 +11,10 @@ import os
 
 import torch
 
-from minisgl.backends.base import Backend, BackendConfig, BackendStats, StepOutput, register_backend
+from minisgl.backends.base import BackendConfig, EngineBackend, register_backend
 from minisgl.cache.kv_pool import kv_bytes_per_token, tokens_for_memory
 from minisgl.engine.cpu_linear import cpu_has_amx, pack_linears
 from minisgl.engine.engine import Engine, EngineConfig
-from minisgl.messages import TokenizedReq
 from minisgl.models.loader import load_model
 
 log = logging.getLogger("minisgl.torch_backend")
@@ -34,7 +33,7 @@ def cpu_threads() -> int:
 
 
 @register_backend("torch")
-class TorchBackend(Backend):
+class TorchBackend(EngineBackend):
     def __init__(self, config: BackendConfig) -> None:
         super().__init__(config)
         device = torch.device(config.device)
@@ -79,27 +78,3 @@ class TorchBackend(Backend):
             raise RuntimeError(f"not enough free memory for a KV cache ({tokens} tokens); "
                                "set kv_cache_tokens or free some memory")
         return tokens
-
-    def add_request(self, req: TokenizedReq) -> None:
-        self.engine.add_request(req)
-
-    def abort(self, rid: str) -> None:
-        self.engine.abort(rid)
-
-    def has_work(self) -> bool:
-        return self.engine.has_work()
-
-    def step(self) -> StepOutput:
-        return self.engine.step()
-
-    def insert_prefix(self, input_ids: list[int]) -> None:
-        self.engine.insert_prefix(input_ids)
-
-    def flush_cache(self) -> None:
-        self.engine.flush_cache()
-
-    def stats(self) -> BackendStats:
-        return self.engine.stats()
-
-    def max_context_len(self) -> int:
-        return self.engine.max_context_len
