@@ -63,21 +63,29 @@ def test_random_uses_both_workers(policy_server) -> None:
 
 
 def test_cache_aware_follows_the_prefix(policy_server) -> None:
-    url = policy_server("cache_aware").url
+    server = policy_server("cache_aware")
+    url, ctl = server.url, control(server)
     shared = "You are a meticulous travel agent. " + WARM_PREFIX
-    # Keep worker 0 busy so the first request with the shared prefix lands on worker 1.
-    hold = {"prompt": "Write a long story.", "max_new_tokens": 2000, "ignore_eos": True}
+    first = ask(url, shared + " Where should I go in May?")
+    w = first["worker_id"]
+    other = 1 - w
+
+    def workers() -> list[dict]:
+        return ctl.call("metrics").data["workers"]
+
+    assert wait_for(lambda: workers()[w]["index_tokens"] >= 200, timeout=10), workers()
+    # A long request with the same prefix follows it to worker w, which is now busier than the other...
+    hold = {"prompt": shared + " Write a long story.", "max_new_tokens": 2000, "ignore_eos": True, "raw": True}
     with httpx.stream("POST", url + "/generate", json=hold, timeout=60) as r:
         next(r.iter_lines())
-        first = ask(url, shared + " Where should I go in May?")
-    assert first["worker_id"] == 1
-    time.sleep(0.5)  # let the worker report its cache insertion to the scheduler
-    # Both workers idle now: least-loaded would pick worker 0; the cached prefix must win.
-    second = ask(url, shared + " And in June?")
-    assert second["worker_id"] == 1
+        state = workers()
+        assert state[w]["inflight"] == 1 and state[other]["inflight"] == 0, state
+        # ...and the cached prefix still beats the idle worker (least-loaded would pick `other`).
+        second = ask(url, shared + " And in June?")
+    assert second["worker_id"] == w
     assert second["usage"]["cached_tokens"] >= 200, second
     unrelated = ask(url, "Completely different question about cooking pasta.")
-    assert unrelated["worker_id"] == 0
+    assert unrelated["usage"]["cached_tokens"] < 50
 
 
 @pytest.fixture(scope="module")
