@@ -45,7 +45,7 @@ def send(sock: zmq.Socket, msg: msgspec.Struct) -> None:
 def setup_logging(level: str, name: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s {name:>10} %(levelname).1s %(message)s",
+        format=f"%(asctime)s.%(msecs)03d {name:>10} %(levelname).1s %(message)s",  # ms: steps are ~30 ms
         datefmt="%H:%M:%S",
         stream=sys.stderr,
         force=True,

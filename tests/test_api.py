@@ -130,3 +130,30 @@ def test_health_models_and_unknown_route(default_server) -> None:
     assert httpx.get(default_server.url + "/v1/models").json()["data"][0]["id"]
     r = httpx.get(default_server.url + "/nope")
     assert r.status_code == 404 and "error" in r.json()
+
+
+def test_gateway_connections_send_without_nagle_delay() -> None:
+    """Every accepted connection has TCP_NODELAY. Without it, on a keep-alive connection each small write
+    after the first (the body after the headers, every streamed chunk) waits for the client's delayed
+    ACK: about 40 ms per response."""
+    import asyncio
+    import socket
+
+    from procs.gateway import listen_socket
+
+    async def accepted_nodelay() -> int:
+        got: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            got.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        sock = listen_socket("127.0.0.1", 0)
+        server = await asyncio.start_server(on_connect, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname())
+            value = await asyncio.wait_for(got, 10)
+            writer.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0

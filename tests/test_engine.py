@@ -428,7 +428,8 @@ def test_packed_bfloat16_linears_change_nothing(model_dir, eos, prompts) -> None
     if not can_pack(plain):
         pytest.skip("no oneDNN in this torch build")
     packed = load_model(model_dir, dtype=torch.bfloat16)
-    assert pack_linears(packed) == 4 * packed.config.num_layers
+    assert pack_linears(packed) == 4 * packed.config.num_layers + 1  # + the logits projection
+    assert packed.logits_proj is not None
     reqs = [request(str(i), p, eos, max_new_tokens=8) for i, p in enumerate(prompts[:3])]
     assert run_all(make_engine(packed), reqs).tokens == run_all(make_engine(plain), reqs).tokens
 
@@ -441,6 +442,7 @@ def test_mixed_amx_linears_keep_float32_quality(model, model_dir, eos, tok) -> N
     mixed = load_model(model_dir)
     if not can_pack(mixed) or not pack_linears(mixed):
         pytest.skip("no oneDNN in this torch build")
+    assert mixed.logits_proj is not None
     ids = list(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                        add_generation_prompt=True, tokenize=True, return_dict=False))
     with torch.inference_mode():

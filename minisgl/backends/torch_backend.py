@@ -7,7 +7,6 @@ engine. Everything interesting (scheduling, paged attention, sampling) lives in 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -25,20 +24,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 CPU_MAX_KV_TOKENS = 65536
 
 
-def cpu_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 @register_backend("torch")
 class TorchBackend(EngineBackend):
     def __init__(self, config: BackendConfig) -> None:
         super().__init__(config)
         device = torch.device(config.device)
-        if device.type == "cpu":
-            torch.set_num_threads(cpu_threads())
+        # Threads: torch's default is every physical core; the worker process divides them among CPU
+        # workers before it builds us, so we leave the count alone.
         model = load_model(config.model_path, device, self._dtype(), config.load_format, seed=config.seed)
         packed = pack_linears(model) if self._amx_linears(device) else 0
         mc = model.config
@@ -50,7 +42,7 @@ class TorchBackend(EngineBackend):
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             kv_tokens=kv_tokens, max_context_len=max_len, max_running=config.max_running,
             chunk_size=config.chunk_size, narrate=config.narrate, seed=config.seed), device, dtype)
-        amx = f", {packed} linears as packed bfloat16 AMX matmuls" if packed else ""
+        amx = f", {packed} matmuls as packed bfloat16 AMX" if packed else ""
         log.info("torch backend: %s on %s (%s%s), KV pool %d tokens (%.2f GiB), context %d, threads %d",
                  mc.architecture, device, dtype, amx, kv_tokens, self.engine.pool.nbytes() / 2**30,
                  self.engine.max_context_len, torch.get_num_threads())

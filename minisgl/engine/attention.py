@@ -29,7 +29,7 @@ class PrefillSegment:
     start: int  # first token of the chunk in the step's flattened token dimension
     end: int
     kv_slots: torch.Tensor  # [prefix + chunk] slot ids of the whole sequence so far (chunk included)
-    mask: torch.Tensor | None  # [chunk, prefix + chunk] bool, None when there is no prefix (is_causal)
+    mask: torch.Tensor | None  # [chunk, prefix + chunk] additive, None when there is no prefix (is_causal)
 
 
 class PagedAttention:
@@ -50,7 +50,9 @@ class PagedAttention:
             keep = torch.arange(lmax, device=decode_lens.device)[None, :] < decode_lens[:, None]
             self._decode_flat = decode_table.masked_fill(~keep, 0).reshape(-1)
             self._decode_shape = (num_decode, lmax)
-            self._decode_mask = keep[:, None, None, :]
+            # additive (0 / -inf) in the pool's dtype, built once: a bool mask is converted in every layer
+            bias = torch.zeros(keep.shape, dtype=pool.k[0].dtype, device=keep.device)
+            self._decode_mask = bias.masked_fill_(~keep, float("-inf"))[:, None, None, :]
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_pool, v_pool = self.pool.k[layer_idx], self.pool.v[layer_idx]
@@ -58,21 +60,23 @@ class PagedAttention:
         v_pool.index_copy_(0, self.write_slots, v)
         if self.num_decode == q.shape[0]:
             return self._decode(k_pool, v_pool, q)
-        if not self.num_decode and len(self.segments) == 1 and self.segments[0].mask is None:
-            return _sdpa(q, k, v, None)  # one cold prompt: attend over the fresh k/v directly
+        if not self.num_decode and len(self.segments) == 1:  # one prompt chunk: no copy into `out`
+            return self._prefill(self.segments[0], k_pool, v_pool, q, k, v)
         out = torch.empty_like(q)
         b = self.num_decode
         if b:
             out[:b] = self._decode(k_pool, v_pool, q[:b])
         for seg in self.segments:
-            qs = q[seg.start:seg.end]
-            if seg.mask is None:
-                out[seg.start:seg.end] = _sdpa(qs, k[seg.start:seg.end], v[seg.start:seg.end], None)
-            else:
-                ks = k_pool.index_select(0, seg.kv_slots)
-                vs = v_pool.index_select(0, seg.kv_slots)
-                out[seg.start:seg.end] = _sdpa(qs, ks, vs, seg.mask)
+            out[seg.start:seg.end] = self._prefill(seg, k_pool, v_pool, q, k, v)
         return out
+
+    @staticmethod
+    def _prefill(seg: PrefillSegment, k_pool: torch.Tensor, v_pool: torch.Tensor, q: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        qs = q[seg.start:seg.end]
+        if seg.mask is None:  # a cold prompt: attend over the fresh k/v directly
+            return _sdpa(qs, k[seg.start:seg.end], v[seg.start:seg.end], None)
+        return _sdpa(qs, k_pool.index_select(0, seg.kv_slots), v_pool.index_select(0, seg.kv_slots), seg.mask)
 
     def _decode(self, k_pool: torch.Tensor, v_pool: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         b, lmax = self._decode_shape
@@ -86,7 +90,7 @@ class PagedAttention:
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One sequence: q [T, H, D], k/v [S, Hkv, D] -> [T, H, D]. mask [T, S] bool, or None for plain
+    """One sequence: q [T, H, D], k/v [S, Hkv, D] -> [T, H, D]. mask [T, S] additive, or None for plain
     causal (S == T). Inputs go in as 4-D [1, heads, len, D] with enable_gqa: on CPU that takes the
     fused kernel, 3-7x faster than 3-D inputs or repeated K/V."""
     out = F.scaled_dot_product_attention(
@@ -95,6 +99,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return out[0].transpose(0, 1)
 
 
-def prefix_causal_mask(prefix: int, chunk: int, device: torch.device) -> torch.Tensor:
-    """[chunk, prefix + chunk] bool: query i (at position prefix + i) sees keys 0..prefix + i."""
-    return torch.ones(chunk, prefix + chunk, dtype=torch.bool, device=device).tril_(prefix)
+def prefix_causal_mask(prefix: int, chunk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[chunk, prefix + chunk], additive (0 / -inf): query i (at position prefix + i) sees keys
+    0..prefix + i. Built once per step; SDPA would convert a bool mask in every layer."""
+    return torch.full((chunk, prefix + chunk), float("-inf"), dtype=dtype, device=device).triu_(prefix + 1)

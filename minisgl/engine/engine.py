@@ -324,7 +324,7 @@ class Engine:
             positions.append(torch.arange(k0, k0 + c.n, device=dev))
             if k0:  # part of the sequence is in the pool already: attend over it, causal with an offset
                 segments.append(PrefillSegment(start, start + c.n, self.table[r.row, :k0 + c.n],
-                                               prefix_causal_mask(k0, c.n, dev)))
+                                               prefix_causal_mask(k0, c.n, self.pool.dtype, dev)))
             else:
                 segments.append(PrefillSegment(start, start + c.n, c.slots, None))
             start += c.n

@@ -126,6 +126,9 @@ class CausalLM(nn.Module):
         self.model = DecoderModel(config, o_bias, self.qk_norm)
         tied = config.tie_word_embeddings
         self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # A backend may set a faster projection of the same weight here (engine/cpu_linear.py packs it
+        # for AMX); None means F.linear on lm_head_weight().
+        self.logits_proj: nn.Module | None = None
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -136,6 +139,8 @@ class CausalLM(nn.Module):
         idx = ctx.logits_indices
         # The final norm and the lm_head run only on the rows that need logits.
         h = self.model.norm(h[idx] + residual[idx])
+        if self.logits_proj is not None:
+            return self.logits_proj(h).float()
         return F.linear(h, self.lm_head_weight()).float()
 
     @torch.no_grad()

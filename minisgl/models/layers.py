@@ -96,8 +96,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style RoPE (rotate halves, as transformers' Llama/Qwen do). cos|sin for every position is
-    computed once; a forward only gathers the rows of this step's positions."""
+    """Neox-style RoPE (rotate halves, as transformers' Llama/Qwen do). For every position the cache holds
+    cos|cos and -sin|sin over the whole head dim, so that a forward only gathers the rows of this step's
+    positions and `apply_rope` is three ops per call."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None) -> None:
         super().__init__()
@@ -105,7 +106,7 @@ class RotaryEmbedding(nn.Module):
         self.max_positions = max_positions
         self.theta = theta
         self.scaling = scaling
-        self.register_buffer("cos_sin", torch.empty(max_positions, head_dim), persistent=False)
+        self.register_buffer("cos_sin", torch.empty(max_positions, 2, head_dim), persistent=False)
         self.init_cache()
 
     @torch.no_grad()
@@ -116,15 +117,18 @@ class RotaryEmbedding(nn.Module):
             return
         inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
         freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
-        self.cos_sin.copy_(torch.cat((freqs.cos(), freqs.sin()), dim=-1))
+        cos, sin = freqs.cos(), freqs.sin()
+        self.cos_sin.copy_(torch.stack((torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)), dim=1))
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, 1, head_dim // 2], broadcastable over heads."""
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return cos, sin
+        """positions [T] -> cos, sin [T, 1, head_dim] (sin with the rotation's sign), broadcastable over
+        heads."""
+        cos_sin = self.cos_sin[positions]
+        return cos_sin[:, :1], cos_sin[:, 1:]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D]; rotates the two halves of D. Equal to transformers' q*cos + rotate_half(q)*sin."""
+    """x [T, H, D]; rotates the two halves of D. transformers' q*cos + rotate_half(q)*sin, with the minus
+    of rotate_half folded into `sin`."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin)
