@@ -47,6 +47,14 @@ def pick_device(cfg: ServerConfig, worker_id: int) -> str:
     return "cpu"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a cgroup), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
 def backend_config(cfg: ServerConfig, device: str) -> BackendConfig:
     return BackendConfig(
         model_path=cfg.model_path, device=device, dtype=cfg.dtype, load_format=cfg.load_format,
@@ -143,7 +151,7 @@ def main() -> None:
         import torch
 
         # Workers share the host's cores; oversubscribing threads makes every worker slower.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, cfg.workers)))
+        torch.set_num_threads(max(1, usable_cpus() // max(1, cfg.workers)))
     t0 = time.perf_counter()
     backend = create_backend(cfg.backend, backend_config(cfg, device))
     log.info("backend %s on %s loaded in %.1fs", backend.name, device, time.perf_counter() - t0)

@@ -132,8 +132,7 @@ def test_pool_returns_to_start_after_mixed_workload_with_aborts(model: CausalLM)
     col = Collector(engine)
     live: list[str] = []
     for i in range(24):
-        tail = [rng.randrange(100, 30000) for _ in range(rng.randrange(1, 50))]
-        prompt = stem[: rng.randrange(0, 40)] + tail
+        prompt = (stem[: rng.randrange(0, 40)] + [rng.randrange(100, 30000) for _ in range(rng.randrange(1, 50))])
         rid = f"r{i}"
         engine.add_request(request(rid, prompt, [], max_new_tokens=rng.randrange(1, 24),
                                    temperature=rng.choice([0.0, 0.8])))

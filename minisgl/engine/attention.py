@@ -51,7 +51,7 @@ class PagedAttention:
             self._decode_flat = decode_table.masked_fill(~keep, 0).reshape(-1)
             self._decode_shape = (num_decode, lmax)
             # additive (0 / -inf) in the pool's dtype, built once: a bool mask is converted in every layer
-            bias = torch.zeros(keep.shape, dtype=pool.k[0].dtype, device=keep.device)
+            bias = torch.zeros(keep.shape, dtype=pool.dtype, device=keep.device)
             self._decode_mask = bias.masked_fill_(~keep, float("-inf"))[:, None, None, :]
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

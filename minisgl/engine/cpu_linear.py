@@ -9,8 +9,8 @@ each weight is packed for oneDNN at load time (plain `F.linear` re-lays the weig
 A whole-bfloat16 model is the fastest but hurts a model this small (greedy "What is the capital of
 France?" stops answering "Paris"), so the default, `mixed`, keeps the model in float32 (residual
 stream, norms, attention, KV cache, sampling) and runs only the matmuls (the linears and the logits
-projection) in bfloat16 with float32 outputs: answers match float32 on our checks at nearly bfloat16
-speed.
+projection) in bfloat16; their outputs go back to float32 wherever the next op needs it (BF16_OUT lists
+the ones that need not). Answers match float32 on our checks at nearly bfloat16 speed.
 """
 
 from __future__ import annotations
