@@ -60,8 +60,9 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(self, cfg: ServerConfig, parent_pid: int | None = None) -> None:
         self.cfg = cfg
+        self.parent_pid = parent_pid  # stop the tree once this process is gone (--exit-with-parent)
         self.ctx = zmq.Context()
         self.ready_sock = ipc.bind_pull(self.ctx, cfg.endpoint("launcher"))
         self.to_scheduler = ipc.connect_push(self.ctx, cfg.endpoint("scheduler"))
@@ -115,6 +116,9 @@ class Supervisor:
 
     def supervise(self) -> int:
         while not self.stopping:
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.error("the process that started the server (pid %d) is gone; stopping", self.parent_pid)
+                return 1
             if self.ready_sock.poll(200):  # restarted workers report in here
                 msg: ProcReady = self.codec.decode(self.ready_sock.recv())
                 log.info("%s ready again", msg.name)
@@ -203,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Each flag's default comes from the environment variable shown; the flag wins over the variable.",
     )
     add_config_flags(parser)
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="stop the server when the process that started it exits (tests, the CLI demo and "
+                             "the bench start servers this way, so a killed caller leaves nothing behind)")
     return parser
 
 
@@ -215,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a configuration problem gets one clear line, not a traceback
         log.error("%s", e)
         return 2
-    sup = Supervisor(cfg)
+    sup = Supervisor(cfg, os.getppid() if args.exit_with_parent else None)
 
     def on_signal(signum: int, frame: object) -> None:
         if not sup.stopping:

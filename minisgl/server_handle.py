@@ -43,7 +43,8 @@ class ServerHandle:
     def start(self) -> "ServerHandle":
         if self.proc is not None and self.proc.poll() is None:
             return self  # already running: never start a second tree
-        cmd = [sys.executable, str(REPO_ROOT / "launch.py"), "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+        cmd = [sys.executable, str(REPO_ROOT / "launch.py"), "--host", "127.0.0.1", "--port", str(self.port),
+               "--exit-with-parent", *self.args]
         out = None
         if self.log_path:
             self._log_file = open(self.log_path, "ab")

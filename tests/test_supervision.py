@@ -96,3 +96,26 @@ def test_bad_configuration_is_one_clear_line(default_model_dir) -> None:
     r = subprocess.run([sys.executable, str(REPO_ROOT / "launch.py"), "--scheduler-mode", "best_effort",
                         "--port", "1"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "SCHEDULER_MODE" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_server_started_by_a_killed_caller_stops(default_model_dir, tmp_path) -> None:
+    """A caller (a test run, the CLI demo, the bench) that starts a server through ServerHandle and is
+    then killed outright leaves nothing running: the launcher was started with --exit-with-parent."""
+    import subprocess
+    import sys
+
+    from minisgl.server_handle import REPO_ROOT
+
+    script = ("import sys; from minisgl.server_handle import ServerHandle\n"
+              "h = ServerHandle(['--backend', 'hf'], log_path=sys.argv[1]).start()\n"
+              "print(h.pid, flush=True); import time; time.sleep(600)\n")
+    caller = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "server.log")], cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        launcher = int(caller.stdout.readline())
+        pids = tree_pids(launcher)
+        assert len(pids) >= 5, pids
+    finally:
+        caller.kill()
+        caller.wait()
+    assert wait_for(lambda: not alive(pids), timeout=20), f"left running: {alive(pids)}"

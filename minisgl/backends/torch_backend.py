@@ -1,7 +1,9 @@
 """The `torch` backend: our batching engine (minisgl.engine) with portable torch ops, for CPU and MPS.
 
 It loads the model with our own loader, sizes the paged KV pool, and forwards every call to the
-engine. Everything interesting (scheduling, paged attention, sampling) lives in minisgl.engine.
+engine. Everything interesting (scheduling, paged attention, sampling) lives in minisgl.engine. On a
+CPU with AMX the linears are packed bfloat16 matmuls (engine/cpu_linear.py) and the ops between them
+run as fused C kernels (engine/cpu_forward.py, engine/cpu_kernels.c).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import torch
 
 from minisgl.backends.base import BackendConfig, EngineBackend, register_backend
 from minisgl.cache.kv_pool import kv_bytes_per_token, tokens_for_memory
+from minisgl.engine.cpu_forward import FusedCpuForward
+from minisgl.engine.cpu_kernels import load_cpu_kernels
 from minisgl.engine.cpu_linear import cpu_has_amx, pack_linears
 from minisgl.engine.engine import Engine, EngineConfig
 from minisgl.models.loader import load_model
@@ -38,14 +42,27 @@ class TorchBackend(EngineBackend):
         max_len = config.max_model_len or mc.max_position_embeddings
         kv_tokens = config.kv_cache_tokens or self._kv_tokens_from_memory(
             device, kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype), max_len)
-        self.engine = Engine(model, EngineConfig(
+        self.fused: FusedCpuForward | None = self._fused_forward(model)
+        self.engine = Engine(self.fused or model, EngineConfig(
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             kv_tokens=kv_tokens, max_context_len=max_len, max_running=config.max_running,
             chunk_size=config.chunk_size, narrate=config.narrate, seed=config.seed), device, dtype)
         amx = f", {packed} matmuls as packed bfloat16 AMX" if packed else ""
+        if self.fused is not None:
+            amx += ", fused CPU kernels" + (" on torch's OpenMP threads" if self.fused.kernels.threaded else "")
         log.info("torch backend: %s on %s (%s%s), KV pool %d tokens (%.2f GiB), context %d, threads %d",
                  mc.architecture, device, dtype, amx, kv_tokens, self.engine.pool.nbytes() / 2**30,
                  self.engine.max_context_len, torch.get_num_threads())
+
+    def _fused_forward(self, model: torch.nn.Module) -> FusedCpuForward | None:
+        """Every step through the fused CPU kernels (engine/cpu_forward.py) where the model is packed
+        float32 and the kernels build here; extra cpu_kernels=0 (or MINISGL_CPU_KERNELS=0) turns them off."""
+        if str(self.config.extra.get("cpu_kernels", "1")).lower() in ("0", "false", "no", "off"):
+            return None
+        if not FusedCpuForward.supports(model):
+            return None
+        kernels = load_cpu_kernels()
+        return None if kernels is None else FusedCpuForward(model, kernels)
 
     def _dtype(self) -> torch.dtype | None:
         """None (auto): the loader's choice, the checkpoint's dtype on CUDA and float32 elsewhere."""

@@ -43,6 +43,8 @@ class PagedAttention:
         self.logits_indices = logits_indices
         self.num_decode = num_decode
         self.segments = segments
+        self.decode_table = decode_table  # [B, Lmax] slot ids of each decoding sequence (kernels read it)
+        self.decode_lens = decode_lens  # [B] tokens of each, this step's included
         if num_decode:
             assert decode_table is not None and decode_lens is not None
             lmax = decode_table.shape[1]

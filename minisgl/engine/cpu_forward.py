@@ -1,0 +1,175 @@
+"""The forward of a packed CPU model, with the fused kernels of `cpu_kernels.c` around its matmuls.
+
+Stands in for the model in `Engine._run` (`self.model(ids, positions, ctx)`), as the sgl backend's CUDA
+graph runner does on a GPU. Per layer it is 4 packed bfloat16 matmuls (oneDNN) and 4 kernels:
+
+    x = add_rmsnorm(residual, delta)        # the previous layer's output joins the residual stream
+    qkv = qkv_proj(x)
+    attn = decode_attention(qkv, pool)      # decode rows: norms, RoPE, KV write, attention in place
+                                            # prefill rows: the same ops in torch, then SDPA per chunk
+    x = add_rmsnorm(residual, o_proj(attn))
+    delta = down_proj(silu_mul(gate_up_proj(x)))
+
+instead of ~30 torch ops, each costing 5-15 us at decode sizes on caches the weight stream has just
+flushed. A prompt chunk's attention stays torch's SDPA (a blocked matmul; the kernel here does one
+query at a time). The numbers are those of the model's forward: float32 residual, norms, RoPE, KV and
+attention, bfloat16 matmul inputs; up to float32 rounding order and one bfloat16 rounding fewer in
+silu * up (tests/test_cpu_kernels.py compares both against float32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from minisgl.engine.attention import PagedAttention, PrefillSegment
+from minisgl.engine.cpu_kernels import (CpuKernels, attention_scratch_size, check_attention_shape,
+                                        check_decode_batch)
+from minisgl.engine.cpu_linear import PackedLinear
+from minisgl.models.layers import apply_rope
+
+
+def _linear(x: torch.Tensor, lin: PackedLinear) -> torch.Tensor:
+    """The packed matmul with its bfloat16 output, whatever the module's bf16_out says."""
+    return torch.ops.mkldnn._linear_pointwise(x, lin.packed, lin.bias, "none", [], "")
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer as the kernels see it: packed matmuls, and data pointers of float32 weights
+    checked once at load (the model is frozen while it serves)."""
+
+    qkv: PackedLinear
+    o: PackedLinear
+    gate_up: PackedLinear
+    down: PackedLinear
+    post_norm: int  # post_attention_layernorm.weight
+    next_norm: int  # the next layer's input_layernorm.weight, or the final norm's after the last layer
+    q_norm: int | None
+    k_norm: int | None
+    attn: nn.Module  # the model's Attention (q/k norm modules for prefill rows)
+
+
+class FusedCpuForward(nn.Module):
+    """Wraps a packed CPU model; called like it, with the engine's PagedAttention context."""
+
+    def __init__(self, model: nn.Module, kernels: CpuKernels) -> None:
+        super().__init__()
+        if not self.supports(model):
+            raise ValueError("FusedCpuForward needs a float32 model whose linears are PackedLinear")
+        self.model = model
+        self.kernels = kernels
+        self.config = cfg = model.config  # stands in for the model, config included
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        check_attention_shape(self.num_heads, self.num_kv_heads, self.head_dim)
+        inner = model.model
+        self.eps = float(cfg.rms_norm_eps)
+        self.first_norm = self._weight(inner.layers[0].input_layernorm.weight, cfg.hidden_size)
+        self.layers: list[_Layer] = []
+        for i, layer in enumerate(inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            nxt = inner.layers[i + 1].input_layernorm if i + 1 < len(inner.layers) else inner.norm
+            self.layers.append(_Layer(
+                attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj,
+                self._weight(layer.post_attention_layernorm.weight, cfg.hidden_size),
+                self._weight(nxt.weight, cfg.hidden_size),
+                None if attn.q_norm is None else self._weight(attn.q_norm.weight, cfg.head_dim),
+                None if attn.k_norm is None else self._weight(attn.k_norm.weight, cfg.head_dim), attn))
+        self.intermediate = self.layers[0].gate_up.out_features // 2
+        self.steps = 0  # forwards run here (tests read it)
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """A float32 model (residual stream, norms, RoPE cache) whose linears and logits projection are
+        packed for oneDNN (cpu_linear.pack_linears)."""
+        inner = getattr(model, "model", None)
+        if inner is None or getattr(model, "logits_proj", None) is None:
+            return False
+        if next(model.parameters()).dtype != torch.float32 or inner.rotary_emb.cos_sin.dtype != torch.float32:
+            return False
+        return all(isinstance(m, PackedLinear) for layer in inner.layers for m in (
+            layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
+
+    @staticmethod
+    def _weight(w: torch.Tensor, size: int) -> int:
+        if w.dtype != torch.float32 or w.shape != (size,) or not w.is_contiguous():
+            raise ValueError(f"norm weight: expected a contiguous float32 vector of {size}, "
+                             f"got {w.dtype} {tuple(w.shape)}")
+        return w.data_ptr()
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention) -> torch.Tensor:
+        if isinstance(ctx, PagedAttention) and ctx.pool.dtype == torch.float32:
+            return self._forward(ids, positions, ctx)
+        return self.model(ids, positions, ctx)  # e.g. a DenseContext in a test
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention) -> torch.Tensor:
+        raw = self.kernels.raw
+        inner = self.model.model
+        t, b, h, hkv, d = ids.shape[0], ctx.num_decode, self.num_heads, self.num_kv_heads, self.head_dim
+        cos_sin = inner.rotary_emb.cos_sin
+        pool = ctx.pool
+        # Buffers of the step, reused by every layer (each kernel reads its input before it writes)
+        residual = inner.embed_tokens(ids)  # float32 [t, hidden], a fresh tensor: updated in place
+        hidden = residual.shape[1]
+        x = torch.empty(t, hidden, dtype=torch.bfloat16)
+        attn_out = torch.empty(t, h * d, dtype=torch.bfloat16)
+        act = torch.empty(t, self.intermediate, dtype=torch.bfloat16)
+        eps = self.eps
+        decode_args: tuple = ()
+        if b:
+            table, lens = ctx.decode_table, ctx.decode_lens
+            assert table is not None and lens is not None
+            check_decode_batch(positions[:b], ctx.write_slots[:b], table, lens, pool.k.shape[1], cos_sin.shape[0])
+            scratch = torch.empty(attention_scratch_size(b, h, d, table.shape[1]), dtype=torch.float32)
+            decode_args = (ctx.write_slots.data_ptr(), table.data_ptr(), table.shape[1], lens.data_ptr(),
+                           attn_out.data_ptr(), scratch.data_ptr(), b, h, hkv, d, d ** -0.5)
+        prefill = _PrefillRows(inner.rotary_emb(positions[b:]), ctx, b) if b < t else None
+        raw.add_rmsnorm(residual.data_ptr(), None, self.first_norm, x.data_ptr(), t, hidden, eps)
+        for i, layer in enumerate(self.layers):
+            qkv = _linear(x, layer.qkv)
+            if b:
+                raw.decode_attention(qkv.data_ptr(), layer.q_norm, layer.k_norm, eps, cos_sin.data_ptr(),
+                                     positions.data_ptr(), pool.k[i].data_ptr(), pool.v[i].data_ptr(), *decode_args)
+            if prefill is not None:
+                attn_out[b:] = prefill.attention(i, layer.attn, qkv[b:])
+            o = _linear(attn_out, layer.o)  # named: a temporary would be freed before the C call reads it
+            raw.add_rmsnorm(residual.data_ptr(), o.data_ptr(), layer.post_norm, x.data_ptr(), t, hidden, eps)
+            gate_up = _linear(x, layer.gate_up)
+            raw.silu_mul(gate_up.data_ptr(), act.data_ptr(), t, self.intermediate)
+            down = _linear(act, layer.down)
+            raw.add_rmsnorm(residual.data_ptr(), down.data_ptr(), layer.next_norm, x.data_ptr(), t, hidden, eps)
+        self.steps += 1
+        idx = ctx.logits_indices
+        return self.model.logits_proj(x if b == t else x[idx]).float()
+
+
+class _PrefillRows:
+    """The prompt-chunk rows of a step (after its b decode rows): the model's own attention ops on them,
+    q/k/v from the bfloat16 qkv output."""
+
+    def __init__(self, cos_sin: tuple[torch.Tensor, torch.Tensor], ctx: PagedAttention, b: int) -> None:
+        self.cos, self.sin = cos_sin
+        self.ctx = ctx
+        self.write_slots = ctx.write_slots[b:]
+        # the segments' offsets, counted from the first prefill row
+        self.segments = [PrefillSegment(s.start - b, s.end - b, s.kv_slots, s.mask) for s in ctx.segments]
+
+    def attention(self, layer_idx: int, attn: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+        n, hd = qkv.shape[0], attn.head_dim
+        q, k, v = qkv.float().split([attn.q_size, attn.kv_size, attn.kv_size], dim=1)
+        q, k, v = q.view(n, -1, hd), k.view(n, -1, hd), v.view(n, -1, hd)
+        if attn.q_norm is not None and attn.k_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        pool = self.ctx.pool
+        k_pool, v_pool = pool.k[layer_idx], pool.v[layer_idx]
+        k_pool.index_copy_(0, self.write_slots, k)
+        v_pool.index_copy_(0, self.write_slots, v)
+        if len(self.segments) == 1:
+            out = PagedAttention._prefill(self.segments[0], k_pool, v_pool, q, k, v)
+        else:
+            out = torch.cat([PagedAttention._prefill(s, k_pool, v_pool, q, k, v) for s in self.segments])
+        return out.reshape(n, -1)

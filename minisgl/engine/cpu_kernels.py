@@ -1,0 +1,210 @@
+"""Build and load `cpu_kernels.c`, the fused CPU kernels of `cpu_forward.py`, through ctypes.
+
+The C file has no dependency but libm: it is compiled once per source and machine with the system C
+compiler (`cc -O3 -march=native`, about a second) into the kernels/ folder of mini-sglang's cache
+(~/.cache/mini-sglang, or $MINISGL_CACHE_DIR) and loaded with ctypes, which passes raw pointers and
+releases the GIL. No torch headers, no pybind11, no build step at install time. Where no compiler is
+found (or the build fails) `load_cpu_kernels()` returns None and the engine keeps its torch ops.
+
+Threads: when torch runs on GNU OpenMP (the Linux wheels load their own libgomp.so.1) the library is
+built with -fopenmp, and the dynamic loader hands it the libgomp torch already loaded: one thread pool,
+sized by torch.set_num_threads, shared by the matmuls and our loops. With any other runtime (or none)
+it is built without -fopenmp and runs single-threaded: two OpenMP pools spinning on the same cores
+would cost far more than they save.
+
+The wrappers check dtypes, contiguity and shapes before handing pointers to C: a wrong tensor here
+would be a silent memory error, not an exception.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("minisgl.engine")
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-shared"]
+if platform.machine() in ("x86_64", "AMD64"):
+    CFLAGS.append("-mprefer-vector-width=512")  # gcc picks 256-bit vectors by default even with AVX-512
+MAX_HEAD_DIM = 256  # the C kernel's stack buffers
+MAX_GROUP = 8  # query heads per kv head
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_F = ctypes.c_float
+
+
+def cache_dir() -> Path:
+    from minisgl.models.fetch import cache_root
+
+    return cache_root() / "kernels"
+
+
+def _cpu_signature() -> str:
+    """-march=native code is only valid on a CPU with the same features."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def torch_uses_libgomp() -> bool:
+    """True when the OpenMP runtime loaded in this process (by torch) is GNU's libgomp.so.1."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    return "libgomp.so.1" in maps and "libiomp" not in maps and "libomp.so" not in maps
+
+
+def _build(compiler: str, flags: list[str]) -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # build next to the target, then rename: processes starting together never load a half-written file
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], check=True,
+                       capture_output=True, text=True, timeout=120)
+        os.replace(built, target)
+    log.info("built the CPU kernels: %s", target)
+    return target
+
+
+class CpuKernels:
+    """The shared library's entry points. `raw` holds the ctypes functions (pointers and sizes, no
+    checks: for a caller that validated its tensors once, like FusedCpuForward's per-layer loop); the
+    methods below check every tensor first."""
+
+    def __init__(self, lib: ctypes.CDLL, threaded: bool) -> None:
+        self.threaded = threaded  # built against torch's OpenMP pool
+        self.raw = lib
+        lib.add_rmsnorm.argtypes = [_P, _P, _P, _P, _I, _I, _F]
+        lib.silu_mul.argtypes = [_P, _P, _I, _I]
+        lib.decode_attention.argtypes = [_P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I, _F]
+        for fn in (lib.add_rmsnorm, lib.silu_mul, lib.decode_attention):
+            fn.restype = None
+
+    def add_rmsnorm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                    out: torch.Tensor, eps: float) -> None:
+        """residual += delta (if given); out = bfloat16(rmsnorm(residual) * weight)."""
+        t, d = residual.shape
+        _check(residual, torch.float32, (t, d))
+        _check(weight, torch.float32, (d,))
+        _check(out, torch.bfloat16, (t, d))
+        if delta is not None:
+            _check(delta, torch.bfloat16, (t, d))
+        self.raw.add_rmsnorm(residual.data_ptr(), _ptr(delta), weight.data_ptr(), out.data_ptr(), t, d, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor) -> None:
+        """out = bfloat16(silu(gate) * up) for gate_up = [gate | up] along the last dim."""
+        t, i = out.shape
+        _check(gate_up, torch.bfloat16, (t, 2 * i))
+        _check(out, torch.bfloat16, (t, i))
+        self.raw.silu_mul(gate_up.data_ptr(), out.data_ptr(), t, i)
+
+    def decode_attention(self, qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+                         eps: float, cos_sin: torch.Tensor, positions: torch.Tensor, k_pool: torch.Tensor,
+                         v_pool: torch.Tensor, write_slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
+                         out: torch.Tensor, scratch: torch.Tensor, num_heads: int) -> None:
+        """One new token per sequence: q/k norms (if given) and RoPE at `positions`, k/v written at
+        `write_slots`, then attention over the first lens[b] slots of table row b. `scratch` holds at
+        least attention_scratch_size(...) float32s."""
+        b = qkv.shape[0]
+        slots, n_kv, d = k_pool.shape
+        check_attention_shape(num_heads, n_kv, d)
+        _check(qkv, torch.bfloat16, (b, (num_heads + 2 * n_kv) * d))
+        _check(cos_sin, torch.float32, (cos_sin.shape[0], 2, d))
+        _check(k_pool, torch.float32, (slots, n_kv, d))
+        _check(v_pool, torch.float32, (slots, n_kv, d))
+        check_decode_batch(positions, write_slots, table, lens, slots, cos_sin.shape[0])
+        _check(out, torch.bfloat16, (b, num_heads * d))
+        for norm in (q_norm, k_norm):
+            if norm is not None:
+                _check(norm, torch.float32, (d,))
+        if scratch.dtype != torch.float32 or scratch.numel() < attention_scratch_size(b, num_heads, d, table.shape[1]):
+            raise ValueError("attention scratch too small")
+        self.raw.decode_attention(
+            qkv.data_ptr(), _ptr(q_norm), _ptr(k_norm), eps, cos_sin.data_ptr(), positions.data_ptr(),
+            k_pool.data_ptr(), v_pool.data_ptr(), write_slots.data_ptr(), table.data_ptr(), table.shape[1],
+            lens.data_ptr(), out.data_ptr(), scratch.data_ptr(), b, num_heads, n_kv, d, d ** -0.5)
+
+
+def attention_scratch_size(batch: int, num_heads: int, head_dim: int, table_len: int) -> int:
+    """float32s decode_attention needs: each sequence's rotated queries and its score rows."""
+    return batch * num_heads * (head_dim + table_len)
+
+
+def check_attention_shape(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    if head_dim > MAX_HEAD_DIM or head_dim % 2 or num_heads % num_kv_heads or num_heads // num_kv_heads > MAX_GROUP:
+        raise ValueError(f"unsupported attention shape for the CPU kernels: {num_heads} heads, {num_kv_heads} kv "
+                         f"heads, head dim {head_dim}")
+
+
+def check_decode_batch(positions: torch.Tensor, write_slots: torch.Tensor, table: torch.Tensor,
+                       lens: torch.Tensor, pool_slots: int, max_positions: int) -> None:
+    """The step's index tensors, and every index the kernel will follow, within bounds: the C code
+    trusts them."""
+    b = positions.shape[0]
+    for t in (positions, write_slots, lens):
+        _check(t, torch.int64, (b,))
+    _check(table, torch.int64, (b, table.shape[1]))
+    if b == 0:
+        return
+    if int(lens.min()) < 1 or int(lens.max()) > table.shape[1]:
+        raise ValueError("sequence lengths must be within 1..table width")
+    if int(positions.min()) < 0 or int(positions.max()) >= max_positions:
+        raise ValueError("a position is past the RoPE cache")
+    if int(write_slots.min()) < 0 or int(write_slots.max()) >= pool_slots:
+        raise ValueError("a write slot is outside the KV pool")
+    if int(table.min()) < 0 or int(table.max()) >= pool_slots:
+        raise ValueError("a page-table slot is outside the KV pool")
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(f"kernel argument: expected a contiguous CPU {dtype} tensor of shape {shape}, got "
+                         f"{t.dtype} {tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})")
+
+
+@lru_cache(maxsize=1)
+def load_cpu_kernels() -> CpuKernels | None:
+    """The kernels, built on first use; None where they cannot be built here, or with
+    MINISGL_CPU_KERNELS=0."""
+    if os.environ.get("MINISGL_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        log.warning("no C compiler found: the CPU forward runs with plain torch ops")
+        return None
+    threads = torch_uses_libgomp()
+    flags = CFLAGS + (["-fopenmp"] if threads else ["-fopenmp-simd"])
+    try:
+        return CpuKernels(ctypes.CDLL(str(_build(compiler, flags))), threads)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        log.warning("could not build the CPU kernels (%s): the CPU forward runs with plain torch ops", detail)
+        return None
