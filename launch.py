@@ -83,11 +83,16 @@ class Supervisor:
                                       process_group=0)
         log.info("started %s (pid %d)", child.name, child.proc.pid)
 
+    def parent_gone(self) -> bool:
+        return self.parent_pid is not None and os.getppid() != self.parent_pid
+
     def wait_ready(self, names: set[str], timeout: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
         while names:
             if self.stopping:
                 raise SystemExit(0)
+            if self.parent_gone():
+                raise RuntimeError(f"the process that started the server (pid {self.parent_pid}) is gone")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"timed out waiting for {sorted(names)} to start")
             for child in self.children + [self.gateway]:
@@ -116,7 +121,7 @@ class Supervisor:
 
     def supervise(self) -> int:
         while not self.stopping:
-            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            if self.parent_gone():
                 log.error("the process that started the server (pid %d) is gone; stopping", self.parent_pid)
                 return 1
             if self.ready_sock.poll(200):  # restarted workers report in here
@@ -214,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parent_pid = os.getppid()  # before anything slow: if the caller dies meanwhile, we still notice
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     ipc.setup_logging(cfg.log_level, "launch")
@@ -222,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a configuration problem gets one clear line, not a traceback
         log.error("%s", e)
         return 2
-    sup = Supervisor(cfg, os.getppid() if args.exit_with_parent else None)
+    sup = Supervisor(cfg, parent_pid if args.exit_with_parent else None)
 
     def on_signal(signum: int, frame: object) -> None:
         if not sup.stopping:

@@ -115,8 +115,9 @@ def test_disconnect_aborts_request(default_server) -> None:
             if line.strip():
                 seen += 1
             if seen >= 3:
+                # checked before the break: leaving iter_lines closes the response, i.e. disconnects
+                assert scheduler_metrics(url)["inflight"] >= 1
                 break
-        assert scheduler_metrics(url)["inflight"] >= 1
     # Closed after 3 chunks of 2000: the worker must drop the request long before it could finish.
     t0 = time.monotonic()
     assert wait_for(lambda: scheduler_metrics(url)["inflight"] == 0, timeout=10), "request still in flight"

@@ -93,7 +93,7 @@ def _reference_attention(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm:
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,qk_norm", [
-    (4, 2, 16, False), (9, 3, 64, False), (8, 8, 128, True), (16, 2, 32, True)])
+    (4, 2, 16, False), (9, 3, 64, False), (8, 8, 128, True), (16, 2, 32, True), (16, 2, 256, False)])
 def test_decode_attention(kernels: CpuKernels, heads: int, kv_heads: int, head_dim: int, qk_norm: bool) -> None:
     g = torch.Generator().manual_seed(heads * head_dim)
     slots, lens_list = 200, [1, 7, 45, 130]
@@ -157,9 +157,9 @@ def test_decode_attention_rejects_bad_indices(kernels: CpuKernels) -> None:
 class CompareSteps(torch.nn.Module):
     """Runs every engine step three ways on the same context: the packed model's forward (bfloat16
     matmuls, torch ops), the fused forward on that model, and an unpacked float32 copy (the reference,
-    run last so the pool's history is float32). Records each fast path's logit error against the
-    reference, relative to the largest logit, and the kinds of step seen; the engine goes on with the
-    reference's logits."""
+    run last so the pool's history is float32). Records, for each fast path, the error of its logits and
+    of the k/v it wrote into the pool, against the reference, relative to the reference's largest value,
+    and the kinds of step seen; the engine goes on with the reference's logits."""
 
     def __init__(self, reference: torch.nn.Module, packed: torch.nn.Module, kernels: CpuKernels) -> None:
         super().__init__()
@@ -167,25 +167,37 @@ class CompareSteps(torch.nn.Module):
         self.packed = packed
         self.fused = FusedCpuForward(packed, kernels)
         self.config = reference.config
-        self.packed_errors: list[float] = []
-        self.fused_errors: list[float] = []
+        self.errors: dict[str, list[float]] = {"packed": [], "fused": [], "packed_kv": [], "fused_kv": []}
         self.kinds: set[str] = set()
+
+    @staticmethod
+    def _written_kv(ctx: PagedAttention) -> torch.Tensor:
+        """This step's k/v as they now sit in the pool, every layer: [2, layers, tokens, kv heads, dim]."""
+        return torch.stack([ctx.pool.k[:, ctx.write_slots], ctx.pool.v[:, ctx.write_slots]])
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention) -> torch.Tensor:
         b, t = ctx.num_decode, ids.shape[0]
         self.kinds.add("decode" if b == t else "mixed" if b else "prefill")
         packed = self.packed(ids, positions, ctx)  # each path writes this step's k/v itself
+        packed_kv = self._written_kv(ctx)
         fused = self.fused(ids, positions, ctx)
+        fused_kv = self._written_kv(ctx)
         want = self.reference(ids, positions, ctx)
-        scale = want.abs().max()
-        self.packed_errors.append(((packed - want).abs().max() / scale).item())
-        self.fused_errors.append(((fused - want).abs().max() / scale).item())
+        want_kv = self._written_kv(ctx)
+        for name, got, ref in (("packed", packed, want), ("fused", fused, want),
+                               ("packed_kv", packed_kv, want_kv), ("fused_kv", fused_kv, want_kv)):
+            self.errors[name].append(((got - ref).abs().max() / ref.abs().max()).item())
         return want
 
     def assert_fused_as_accurate(self, steps: int) -> None:
-        assert self.fused.steps == len(self.fused_errors) >= steps
-        # the fused path rounds to bfloat16 where the packed forward does, once fewer in silu * up
-        assert max(self.fused_errors) <= 1.5 * max(self.packed_errors) + 1e-3, (self.fused_errors, self.packed_errors)
+        """The fused path rounds to bfloat16 where the packed forward does (once fewer in silu * up), so
+        its logits and its k/v must be as close to float32 as the packed forward's, step for step."""
+        e = self.errors
+        assert self.fused.steps == len(e["fused"]) >= steps
+        for what in ("", "_kv"):
+            fused, packed = e["fused" + what], e["packed" + what]
+            assert max(fused) <= 1.5 * max(packed) + 1e-3, (what, fused, packed)
+            assert sum(fused) <= 1.5 * sum(packed) + 1e-3 * len(packed), (what, fused, packed)
 
 
 def _packed_pair(path: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -224,7 +236,7 @@ def test_fused_decode_matches_the_model(kernels: CpuKernels, tmp_path: Path, nam
     assert col.final["again"].cached_tokens >= 24
     assert compare.kinds == {"decode", "mixed", "prefill"}
     compare.assert_fused_as_accurate(steps=15)
-    assert max(compare.fused_errors) < 2e-2
+    assert max(compare.errors["fused"]) < 2e-2
 
 
 def test_fused_forward_on_the_default_model(kernels: CpuKernels, default_model_dir: Path) -> None:

@@ -83,9 +83,14 @@ class FusedCpuForward(nn.Module):
     @staticmethod
     def supports(model: nn.Module) -> bool:
         """A float32 model (residual stream, norms, RoPE cache) whose linears and logits projection are
-        packed for oneDNN (cpu_linear.pack_linears)."""
+        packed for oneDNN (cpu_linear.pack_linears), with an attention shape the C kernel handles."""
         inner = getattr(model, "model", None)
         if inner is None or getattr(model, "logits_proj", None) is None:
+            return False
+        cfg = model.config
+        try:
+            check_attention_shape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        except ValueError:
             return False
         if next(model.parameters()).dtype != torch.float32 or inner.rotary_emb.cos_sin.dtype != torch.float32:
             return False

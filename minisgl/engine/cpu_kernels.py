@@ -34,7 +34,11 @@ import torch
 log = logging.getLogger("minisgl.engine")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-shared"]
+# -ffast-math's parts that the loops need (reassociation: ~1.4x on the attention), not -ffast-math
+# itself: gcc < 13 then links crtfastmath.o, whose constructor turns on flush-to-zero for the whole
+# process at load time.
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+          "-freciprocal-math", "-fPIC", "-shared"]
 if platform.machine() in ("x86_64", "AMD64"):
     CFLAGS.append("-mprefer-vector-width=512")  # gcc picks 256-bit vectors by default even with AVX-512
 MAX_HEAD_DIM = 256  # the C kernel's stack buffers
@@ -64,7 +68,7 @@ def _cpu_signature() -> str:
 
 def torch_uses_libgomp() -> bool:
     """True when the OpenMP runtime loaded in this process (by torch) is GNU's libgomp.so.1."""
-    if "OpenMP" not in torch.__config__.parallel_info():
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return False
     try:
         maps = Path("/proc/self/maps").read_text()
@@ -73,13 +77,21 @@ def torch_uses_libgomp() -> bool:
     return "libgomp.so.1" in maps and "libiomp" not in maps and "libomp.so" not in maps
 
 
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def _build(compiler: str, flags: list[str]) -> Path:
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
+    inputs = " ".join([compiler, _compiler_version(compiler), *flags, _cpu_signature()])
+    key = hashlib.sha256(source + inputs.encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # we load code from here: ours only
     # build next to the target, then rename: processes starting together never load a half-written file
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
@@ -200,11 +212,15 @@ def load_cpu_kernels() -> CpuKernels | None:
     if not compiler:
         log.warning("no C compiler found: the CPU forward runs with plain torch ops")
         return None
-    threads = torch_uses_libgomp()
-    flags = CFLAGS + (["-fopenmp"] if threads else ["-fopenmp-simd"])
-    try:
-        return CpuKernels(ctypes.CDLL(str(_build(compiler, flags))), threads)
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        log.warning("could not build the CPU kernels (%s): the CPU forward runs with plain torch ops", detail)
-        return None
+    # threaded on torch's libgomp where that is the runtime (clang must be told to use it), else one thread
+    variants = [True, False] if torch_uses_libgomp() else [False]
+    detail: object = ""
+    for threaded in variants:
+        openmp = ["-fopenmp=libgomp" if "clang" in _compiler_version(compiler) else "-fopenmp"]
+        flags = CFLAGS + (openmp if threaded else ["-fopenmp-simd"])
+        try:
+            return CpuKernels(ctypes.CDLL(str(_build(compiler, flags))), threaded)
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", "") or exc
+    log.warning("could not build the CPU kernels (%s): the CPU forward runs with plain torch ops", detail)
+    return None
