@@ -74,6 +74,11 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
         return ServerConfig.from_json(os.environ["MINISGL_CONFIG"])
 
 
+def switched_off(value: str) -> bool:
+    """A setting that defaults to on (a backend option, MINISGL_CPU_KERNELS) set to 0/false/no/off."""
+    return value.strip().lower() in ("0", "false", "no", "off")
+
+
 def _env_bool(name: str, default: bool) -> bool:
     value = os.environ.get(name)
     if value is None or value == "":

@@ -26,6 +26,7 @@ import torch
 
 from minisgl.backends.base import BackendConfig, EngineBackend, register_backend
 from minisgl.cache.kv_pool import kv_bytes_per_token, tokens_for_memory
+from minisgl.config import switched_off
 from minisgl.engine.engine import Engine, EngineConfig
 
 if TYPE_CHECKING:  # the CUDA / Triton modules are imported only once a GPU is known to be there
@@ -241,7 +242,7 @@ class SGLBackend(EngineBackend):
         if kv_tokens < 256:
             raise RuntimeError(f"not enough free GPU memory for a KV cache ({kv_tokens} tokens); "
                                "set kv_cache_tokens or free some memory")
-        graphs_on = config.extra.get("cuda_graph", "1").lower() not in ("0", "false", "no", "off")
+        graphs_on = not switched_off(config.extra.get("cuda_graph", "1"))
         max_bs = int(config.extra.get("cuda_graph_max_bs", DEFAULT_GRAPH_MAX_BS)) if graphs_on else 0
         self.engine = SGLEngine(model, EngineConfig(
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,

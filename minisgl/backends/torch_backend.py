@@ -14,6 +14,7 @@ import torch
 
 from minisgl.backends.base import BackendConfig, EngineBackend, register_backend
 from minisgl.cache.kv_pool import kv_bytes_per_token, tokens_for_memory
+from minisgl.config import switched_off
 from minisgl.engine.cpu_forward import FusedCpuForward
 from minisgl.engine.cpu_kernels import load_cpu_kernels
 from minisgl.engine.cpu_linear import cpu_has_amx, pack_linears
@@ -57,7 +58,7 @@ class TorchBackend(EngineBackend):
     def _fused_forward(self, model: torch.nn.Module) -> FusedCpuForward | None:
         """Every step through the fused CPU kernels (engine/cpu_forward.py) where the model is packed
         float32 and the kernels build here; extra cpu_kernels=0 (or MINISGL_CPU_KERNELS=0) turns them off."""
-        if str(self.config.extra.get("cpu_kernels", "1")).lower() in ("0", "false", "no", "off"):
+        if switched_off(self.config.extra.get("cpu_kernels", "1")):
             return None
         if not FusedCpuForward.supports(model):
             return None

@@ -56,6 +56,13 @@ class PagedAttention:
             bias = torch.zeros(keep.shape, dtype=pool.dtype, device=keep.device)
             self._decode_mask = bias.masked_fill_(~keep, float("-inf"))[:, None, None, :]
 
+    def prefill_rows(self) -> PagedAttention:
+        """The context of this step's prompt-chunk rows alone (the rows after the decode tokens), for a
+        caller that handles the decode rows itself (engine/cpu_forward.py)."""
+        b = self.num_decode
+        segments = [PrefillSegment(s.start - b, s.end - b, s.kv_slots, s.mask) for s in self.segments]
+        return PagedAttention(self.pool, self.write_slots[b:], self.logits_indices, 0, None, None, segments)
+
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_pool, v_pool = self.pool.k[layer_idx], self.pool.v[layer_idx]
         k_pool.index_copy_(0, self.write_slots, k)

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minisgl.engine.attention import PagedAttention, PrefillSegment
+from minisgl.engine.attention import PagedAttention
 from minisgl.engine.cpu_kernels import (CpuKernels, attention_scratch_size, check_attention_shape,
                                         check_decode_batch)
 from minisgl.engine.cpu_linear import PackedLinear
-from minisgl.models.layers import apply_rope
 
 
 def _linear(x: torch.Tensor, lin: PackedLinear) -> torch.Tensor:
@@ -49,7 +48,7 @@ class _Layer:
     next_norm: int  # the next layer's input_layernorm.weight, or the final norm's after the last layer
     q_norm: int | None
     k_norm: int | None
-    attn: nn.Module  # the model's Attention (q/k norm modules for prefill rows)
+    attn: nn.Module  # the model's Attention: its project_heads for prompt rows
 
 
 class FusedCpuForward(nn.Module):
@@ -58,12 +57,12 @@ class FusedCpuForward(nn.Module):
     def __init__(self, model: nn.Module, kernels: CpuKernels) -> None:
         super().__init__()
         if not self.supports(model):
-            raise ValueError("FusedCpuForward needs a float32 model whose linears are PackedLinear")
+            raise ValueError("FusedCpuForward needs a float32 model whose linears are PackedLinear and whose "
+                             "attention shape the kernels handle")
         self.model = model
         self.kernels = kernels
         self.config = cfg = model.config  # stands in for the model, config included
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        check_attention_shape(self.num_heads, self.num_kv_heads, self.head_dim)
         inner = model.model
         self.eps = float(cfg.rms_norm_eps)
         self.first_norm = self._weight(inner.layers[0].input_layernorm.weight, cfg.hidden_size)
@@ -131,15 +130,18 @@ class FusedCpuForward(nn.Module):
             scratch = torch.empty(attention_scratch_size(b, h, d, table.shape[1]), dtype=torch.float32)
             decode_args = (ctx.write_slots.data_ptr(), table.data_ptr(), table.shape[1], lens.data_ptr(),
                            attn_out.data_ptr(), scratch.data_ptr(), b, h, hkv, d, d ** -0.5)
-        prefill = _PrefillRows(inner.rotary_emb(positions[b:]), ctx, b) if b < t else None
+        if b < t:  # prompt-chunk rows: the model's own attention ops on them
+            prefill_ctx = ctx.prefill_rows()
+            prefill_cos, prefill_sin = inner.rotary_emb(positions[b:])
         raw.add_rmsnorm(residual.data_ptr(), None, self.first_norm, x.data_ptr(), t, hidden, eps)
         for i, layer in enumerate(self.layers):
             qkv = _linear(x, layer.qkv)
             if b:
                 raw.decode_attention(qkv.data_ptr(), layer.q_norm, layer.k_norm, eps, cos_sin.data_ptr(),
                                      positions.data_ptr(), pool.k[i].data_ptr(), pool.v[i].data_ptr(), *decode_args)
-            if prefill is not None:
-                attn_out[b:] = prefill.attention(i, layer.attn, qkv[b:])
+            if b < t:
+                q, k, v = layer.attn.project_heads(qkv[b:].float(), prefill_cos, prefill_sin)
+                attn_out[b:] = prefill_ctx.attention(i, q, k, v).reshape(t - b, h * d)
             o = _linear(attn_out, layer.o)  # named: a temporary would be freed before the C call reads it
             raw.add_rmsnorm(residual.data_ptr(), o.data_ptr(), layer.post_norm, x.data_ptr(), t, hidden, eps)
             gate_up = _linear(x, layer.gate_up)
@@ -149,32 +151,3 @@ class FusedCpuForward(nn.Module):
         self.steps += 1
         idx = ctx.logits_indices
         return self.model.logits_proj(x if b == t else x[idx]).float()
-
-
-class _PrefillRows:
-    """The prompt-chunk rows of a step (after its b decode rows): the model's own attention ops on them,
-    q/k/v from the bfloat16 qkv output."""
-
-    def __init__(self, cos_sin: tuple[torch.Tensor, torch.Tensor], ctx: PagedAttention, b: int) -> None:
-        self.cos, self.sin = cos_sin
-        self.ctx = ctx
-        self.write_slots = ctx.write_slots[b:]
-        # the segments' offsets, counted from the first prefill row
-        self.segments = [PrefillSegment(s.start - b, s.end - b, s.kv_slots, s.mask) for s in ctx.segments]
-
-    def attention(self, layer_idx: int, attn: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
-        n, hd = qkv.shape[0], attn.head_dim
-        q, k, v = qkv.float().split([attn.q_size, attn.kv_size, attn.kv_size], dim=1)
-        q, k, v = q.view(n, -1, hd), k.view(n, -1, hd), v.view(n, -1, hd)
-        if attn.q_norm is not None and attn.k_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
-        pool = self.ctx.pool
-        k_pool, v_pool = pool.k[layer_idx], pool.v[layer_idx]
-        k_pool.index_copy_(0, self.write_slots, k)
-        v_pool.index_copy_(0, self.write_slots, v)
-        if len(self.segments) == 1:
-            out = PagedAttention._prefill(self.segments[0], k_pool, v_pool, q, k, v)
-        else:
-            out = torch.cat([PagedAttention._prefill(s, k_pool, v_pool, q, k, v) for s in self.segments])
-        return out.reshape(n, -1)

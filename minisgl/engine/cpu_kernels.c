@@ -53,11 +53,16 @@ static inline float exp_fast(float x) {
     return p * scale;
 }
 
-static void rmsnorm_inplace(float *x, const float *w, int64_t n, float eps) {
+/* 1 / sqrt(mean(x^2) + eps): RMSNorm's scale for one row */
+static inline float rms_scale(const float *x, int64_t n, float eps) {
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
-    const float inv = 1.f / sqrtf(ss / (float)n + eps);
+    return 1.f / sqrtf(ss / (float)n + eps);
+}
+
+static void rmsnorm_inplace(float *x, const float *w, int64_t n, float eps) {
+    const float inv = rms_scale(x, n, eps);
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) x[i] = x[i] * inv * w[i];
 }
@@ -74,10 +79,7 @@ void add_rmsnorm(float *residual, const uint16_t *delta, const float *w, uint16_
 #pragma omp simd
             for (int64_t i = 0; i < D; i++) r[i] += bf16_to_f32(d[i]);
         }
-        float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t i = 0; i < D; i++) ss += r[i] * r[i];
-        const float inv = 1.f / sqrtf(ss / (float)D + eps);
+        const float inv = rms_scale(r, D, eps);
 #pragma omp simd
         for (int64_t i = 0; i < D; i++) o[i] = f32_to_bf16(r[i] * inv * w[i]);
     }

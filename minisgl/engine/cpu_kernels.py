@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from minisgl.config import switched_off
+
 log = logging.getLogger("minisgl.engine")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -84,9 +86,9 @@ def _compiler_version(compiler: str) -> str:
         return ""
 
 
-def _build(compiler: str, flags: list[str]) -> Path:
+def _build(compiler: str, version: str, flags: list[str]) -> Path:
     source = SOURCE.read_bytes()
-    inputs = " ".join([compiler, _compiler_version(compiler), *flags, _cpu_signature()])
+    inputs = " ".join([compiler, version, *flags, _cpu_signature()])
     key = hashlib.sha256(source + inputs.encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists():
@@ -206,20 +208,21 @@ def _check(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
 def load_cpu_kernels() -> CpuKernels | None:
     """The kernels, built on first use; None where they cannot be built here, or with
     MINISGL_CPU_KERNELS=0."""
-    if os.environ.get("MINISGL_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+    if switched_off(os.environ.get("MINISGL_CPU_KERNELS", "1")):
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         log.warning("no C compiler found: the CPU forward runs with plain torch ops")
         return None
     # threaded on torch's libgomp where that is the runtime (clang must be told to use it), else one thread
+    version = _compiler_version(compiler)  # in the cache key: an upgraded compiler rebuilds
+    openmp = "-fopenmp=libgomp" if "clang" in version else "-fopenmp"
     variants = [True, False] if torch_uses_libgomp() else [False]
     detail: object = ""
     for threaded in variants:
-        openmp = ["-fopenmp=libgomp" if "clang" in _compiler_version(compiler) else "-fopenmp"]
-        flags = CFLAGS + (openmp if threaded else ["-fopenmp-simd"])
+        flags = CFLAGS + [openmp if threaded else "-fopenmp-simd"]
         try:
-            return CpuKernels(ctypes.CDLL(str(_build(compiler, flags))), threaded)
+            return CpuKernels(ctypes.CDLL(str(_build(compiler, version, flags))), threaded)
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", "") or exc
     log.warning("could not build the CPU kernels (%s): the CPU forward runs with plain torch ops", detail)

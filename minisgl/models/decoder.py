@@ -37,7 +37,14 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        q, k, v = self.project_heads(self.qkv_proj(x), cos, sin)
+        out = ctx.attention(self.layer_idx, q, k, v)
+        return self.o_proj(out.reshape(q.shape[0], self.q_size))
+
+    def project_heads(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv [T, q|k|v] -> q [T, heads, D], k and v [T, kv heads, D], with Qwen3's q/k norms and RoPE
+        applied (the CPU forward calls it too, on its prompt rows)."""
         num_tokens, head_dim = qkv.shape[0], self.head_dim
         qk_size = self.q_size + self.kv_size
         v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, head_dim)
@@ -49,8 +56,7 @@ class Attention(nn.Module):
             # q and k sit side by side in qkv: rotate them in one go (half the small ops).
             qk = apply_rope(qkv[:, :qk_size].view(num_tokens, -1, head_dim), cos, sin)
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        out = ctx.attention(self.layer_idx, q, k, v)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return q, k, v
 
 
 class DecoderLayer(nn.Module):
