@@ -7,9 +7,14 @@
 
 Every flag's default comes from the environment variable named in --help. The launcher starts the
 scheduler, tokenizer and workers, waits until each reports ready, then starts the gateway (so /health
-answering means the whole tree is up). A worker that dies is restarted and its in-flight requests end
-with an error event; any other child dying, Ctrl-C or SIGTERM stops the whole tree. Children die with
-the launcher even if it is killed with SIGKILL (PR_SET_PDEATHSIG), so nothing is left orphaned.
+answering means the whole tree is up). Any child that dies (worker, scheduler, tokenizer, gateway) is
+restarted under one rule (RestartPolicy: a growing delay, and the tree stops cleanly once a process
+died MAX_RESTARTS times within RESTART_WINDOW_S); the restarted process tells its neighbours, and the
+requests it held end with an error event. SIGTERM / Ctrl-C drain: the gateway stops taking requests and
+gives open streams DRAIN_GRACE_S to finish, then ends each with an error event; then the rest stops.
+Children die with the launcher even if it is killed with SIGKILL (PR_SET_PDEATHSIG), so nothing is left
+orphaned, and what such a launcher leaves on disk (runtime dir, run/port-N.json) is removed by the next
+one to start.
 """
 
 from __future__ import annotations
@@ -35,15 +40,35 @@ REPO_ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from minisgl import ipc  # noqa: E402
-from minisgl.control import run_info_path  # noqa: E402
+from minisgl.control import launcher_alive, run_info_path  # noqa: E402
 from minisgl.config import ServerConfig, add_config_flags, config_from_args  # noqa: E402
 from minisgl.messages import Codec, LauncherInMsg, ProcReady, WorkerDied  # noqa: E402
 
 log = logging.getLogger("minisgl.launch")
 
 READY_TIMEOUT_S = 600.0
-MAX_RESTARTS = 5  # per worker within RESTART_WINDOW_S, then give up and stop the tree
+MAX_RESTARTS = 5  # per process within RESTART_WINDOW_S, then give up and stop the tree
 RESTART_WINDOW_S = 60.0
+STOP_TIMEOUT_S = 5.0  # after SIGTERM (and the gateway's drain), SIGKILL
+PID_FILE = "launcher.pid"  # in the runtime dir: whose it is, so a dead launcher's dir can be told apart
+
+
+class RestartPolicy:
+    """The one restart rule for every process: the first restart is immediate, each further one within
+    the window waits twice as long (0.5 s, 1 s, 2 s, ...), and more than max_restarts within the window
+    means the process cannot run here: give up."""
+
+    def __init__(self, max_restarts: int = MAX_RESTARTS, window_s: float = RESTART_WINDOW_S) -> None:
+        self.max_restarts, self.window_s = max_restarts, window_s
+        self.deaths: list[float] = []
+
+    def on_death(self, now: float) -> float | None:
+        """Seconds to wait before the restart, or None to give up."""
+        self.deaths = [t for t in self.deaths if now - t < self.window_s] + [now]
+        n = len(self.deaths)
+        if n > self.max_restarts:
+            return None
+        return 0.0 if n == 1 else 0.5 * 2 ** (n - 2)
 
 
 @dataclass
@@ -52,7 +77,9 @@ class Child:
     module: str
     args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
-    restarts: list[float] = field(default_factory=list)
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    restart_at: float | None = None  # dead, to be started again at this time.monotonic()
+    last_pid: int = 0
 
     @property
     def is_worker(self) -> bool:
@@ -67,6 +94,7 @@ class Supervisor:
         self.ready_sock = ipc.bind_pull(self.ctx, cfg.endpoint("launcher"))
         self.to_scheduler = ipc.connect_push(self.ctx, cfg.endpoint("scheduler"))
         self.codec = Codec(LauncherInMsg)
+        self.decoder = ipc.FrameDecoder(LauncherInMsg, "launcher")
         self.children: list[Child] = [Child("scheduler", "procs.scheduler"), Child("tokenizer", "procs.tokenizer")]
         self.children += [Child(f"worker-{i}", "procs.worker", ["--worker-id", str(i)]) for i in range(cfg.workers)]
         self.gateway = Child("gateway", "procs.gateway")
@@ -75,13 +103,15 @@ class Supervisor:
 
     # ------------------------------------------------------------ processes
 
-    def spawn(self, child: Child) -> None:
+    def spawn(self, child: Child, restart: bool = False) -> None:
         env = {**os.environ, "MINISGL_CONFIG": self.cfg.to_json(), "MINISGL_PARENT_PID": str(os.getpid()),
-               "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+               "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               ipc.RESTARTED_ENV: "1" if restart else "0"}
         # Own process group: Ctrl-C in the terminal reaches only the launcher, which stops children in order.
         child.proc = subprocess.Popen([sys.executable, "-m", child.module, *child.args], cwd=REPO_ROOT, env=env,
                                       process_group=0)
-        log.info("started %s (pid %d)", child.name, child.proc.pid)
+        child.last_pid = child.proc.pid
+        log.info("%s %s (pid %d)", "restarted" if restart else "started", child.name, child.proc.pid)
 
     def parent_gone(self) -> bool:
         return self.parent_pid is not None and os.getppid() != self.parent_pid
@@ -124,49 +154,62 @@ class Supervisor:
             if self.parent_gone():
                 log.error("the process that started the server (pid %d) is gone; stopping", self.parent_pid)
                 return 1
-            if self.ready_sock.poll(200):  # restarted workers report in here
-                msg: ProcReady = self.codec.decode(self.ready_sock.recv())
-                log.info("%s ready again", msg.name)
+            if self.ready_sock.poll(100):  # restarted processes report in here
+                msg = self.decoder.decode(self.ready_sock.recv())
+                if msg is not None:
+                    log.info("%s ready again", msg.name)
+            now = time.monotonic()
             for child in self.children + [self.gateway]:
-                code = child.proc.poll() if child.proc else None
-                if code is None or self.stopping:
+                if self.stopping:
+                    break
+                if child.restart_at is not None:
+                    if now >= child.restart_at:
+                        child.restart_at = None
+                        self.spawn(child, restart=True)
                     continue
-                if not child.is_worker:
-                    log.error("%s exited with code %s; stopping the server", child.name, code)
-                    return 1
-                if not self.restart_worker(child, code):
+                code = child.proc.poll() if child.proc else None
+                if code is not None and not self.on_death(child, code, now):
                     return 1
         return 0
 
-    def restart_worker(self, child: Child, code: int) -> bool:
-        worker_id = int(child.name.split("-")[1])
-        log.error("%s exited with code %s; failing its requests and restarting it", child.name, code)
-        ipc.send(self.to_scheduler, WorkerDied(worker_id, code))
-        now = time.monotonic()
-        child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
-        if len(child.restarts) > MAX_RESTARTS:
-            log.error("%s died %d times within %.0fs; giving up", child.name, len(child.restarts), RESTART_WINDOW_S)
+    def on_death(self, child: Child, code: int, now: float) -> bool:
+        """Schedule the restart of a dead child; False when it died too often (stop the tree)."""
+        if child.is_worker:  # fail (or re-queue) its requests now, not when the new one is up
+            ipc.send(self.to_scheduler, WorkerDied(int(child.name.split("-")[1]), code, pid=child.last_pid))
+        delay = child.policy.on_death(now)
+        if delay is None:
+            log.error("%s exited with code %s: %d deaths within %.0fs; giving up and stopping the server",
+                      child.name, code, len(child.policy.deaths), RESTART_WINDOW_S)
             return False
-        self.spawn(child)
+        log.error("%s exited with code %s; restarting it in %.1fs", child.name, code, delay)
+        child.proc = None
+        child.restart_at = now + delay
         return True
 
     def shutdown(self) -> None:
-        """SIGTERM everyone (gateway first, so no new work arrives), then SIGKILL whoever lingers."""
-        procs = [c.proc for c in [self.gateway, *reversed(self.children)] if c.proc is not None]
+        """The gateway first: SIGTERM makes it drain (no new requests, open streams get DRAIN_GRACE_S,
+        then an error event each) while everything behind it still serves; then SIGTERM the rest, and
+        SIGKILL whoever lingers."""
+        self.stop_procs([self.gateway], self.cfg.drain_grace_s + STOP_TIMEOUT_S)
+        self.stop_procs(list(reversed(self.children)), STOP_TIMEOUT_S)
+        self.ctx.destroy(linger=0)
+        shutil.rmtree(self.cfg.runtime_dir, ignore_errors=True)
+        if self.run_info is not None:
+            self.run_info.unlink(missing_ok=True)
+
+    @staticmethod
+    def stop_procs(children: list[Child], timeout: float) -> None:
+        procs = [c.proc for c in children if c.proc is not None]
         for p in procs:
             if p.poll() is None:
                 p.terminate()
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + timeout
         for p in procs:
             try:
                 p.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        self.ctx.destroy(linger=0)
-        shutil.rmtree(self.cfg.runtime_dir, ignore_errors=True)
-        if self.run_info is not None:
-            self.run_info.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- configuration
@@ -189,11 +232,48 @@ def resolve_config(cfg: ServerConfig) -> ServerConfig:
 
         workers = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else workers
     check_port_free(cfg.host, cfg.port)
+    clean_stale()
     runtime_dir = cfg.runtime_dir or tempfile.mkdtemp(prefix="minisgl-")
     os.chmod(runtime_dir, 0o700)  # the sockets inside accept anyone who can reach them
+    (Path(runtime_dir) / PID_FILE).write_text(str(os.getpid()))
     served = cfg.served_model_name or cfg.model_name or model_dir.name
     return msgspec.structs.replace(cfg, model_path=str(model_dir), backend=backend, workers=workers,
                                    runtime_dir=runtime_dir, served_model_name=served)
+
+
+def clean_stale() -> None:
+    """Remove what launchers that died without cleaning up (SIGKILL) left behind: run/port-N.json files
+    naming a dead launcher, and runtime dirs whose launcher.pid names a dead process. Only our own files:
+    another user's, or a live server's, are left alone."""
+    run_dir = run_info_path(0).parent
+    for path in run_dir.glob("port-*.json") if run_dir.is_dir() else []:
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            info = {}
+        if launcher_alive(int(info.get("pid") or 0)):
+            continue
+        log.info("removing the stale %s of a launcher that is gone (pid %s)", path, info.get("pid"))
+        remove_runtime_dir(str(info.get("runtime_dir") or ""))
+        path.unlink(missing_ok=True)
+    for d in Path(tempfile.gettempdir()).glob("minisgl-*"):
+        pid_file = d / PID_FILE
+        try:
+            pid = int(pid_file.read_text())
+        except (OSError, ValueError):
+            continue  # not a runtime dir of ours (or not readable)
+        if not launcher_alive(pid):
+            remove_runtime_dir(str(d))
+
+
+def remove_runtime_dir(path: str) -> None:
+    d = Path(path)
+    try:
+        if d.name.startswith("minisgl-") and d.is_dir() and d.stat().st_uid == os.getuid():
+            log.info("removing the stale runtime dir %s", d)
+            shutil.rmtree(d, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def check_port_free(host: str, port: int) -> None:

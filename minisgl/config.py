@@ -48,6 +48,12 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8000
     max_new_tokens_limit: int = 4096  # absurd above this
     default_max_new_tokens: int = 128
+    max_body_bytes: int = 4 * 1024 * 1024  # HTTP bodies above this get a 413 before they are read whole
+    max_prompt_chars: int = 262_144  # prompt / messages / control prefixes: checked before tokenizing
+    api_key: str = ""  # when set, every route but /health and the page assets needs "Bearer <key>"
+    allowed_origins: list[str] = []  # browser Origins allowed besides the server's own ("*": any)
+    allowed_hosts: list[str] = []  # Host header values allowed besides the bound host ("*": any)
+    drain_grace_s: float = 10.0  # SIGTERM: in-flight streams get this long to finish, then an error event
     # process tree
     runtime_dir: str = ""
     narrate: bool = False
@@ -86,14 +92,14 @@ def _env_bool(name: str, default: bool) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _split_prefixes(value: str) -> list[str]:
-    """WARM_PREFIXES: a JSON list of strings, or strings separated by '||'."""
+def _split_prefixes(value: str, sep: str = "||") -> list[str]:
+    """WARM_PREFIXES: a JSON list of strings, or strings separated by '||' (origins and hosts: ',')."""
     value = value.strip()
     if not value:
         return []
     if value.startswith("["):
         return msgspec.json.decode(value, type=list[str])
-    return [p for p in value.split("||") if p]
+    return [p.strip() if sep == "," else p for p in value.split(sep) if p.strip()]
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,7 @@ class _Flag:
     field: str
     kind: type
     help: str
+    sep: str = "||"  # list flags: separator when the value is not a JSON list
 
 
 # flag name -> (env var, config field, type, help). The env var gives the default; the flag wins.
@@ -131,6 +138,12 @@ FLAGS: dict[str, _Flag] = {
     "--zmq-control-endpoint": _Flag("ZMQ_CONTROL_ENDPOINT", "zmq_control_endpoint", str, "control endpoint (default: ipc in the runtime dir)"),
     "--host": _Flag("HOST", "host", str, "HTTP host"),
     "--port": _Flag("PORT", "port", int, "HTTP port"),
+    "--max-body-bytes": _Flag("MAX_BODY_BYTES", "max_body_bytes", int, "largest HTTP request body; beyond it: HTTP 413"),
+    "--max-prompt-chars": _Flag("MAX_PROMPT_CHARS", "max_prompt_chars", int, "largest prompt (all message contents together) in characters, checked before tokenizing"),
+    "--api-key": _Flag("API_KEY", "api_key", str, "require 'Authorization: Bearer KEY' on every route but /health and the page assets"),
+    "--allowed-origins": _Flag("ALLOWED_ORIGINS", "allowed_origins", list, "browser Origins allowed besides the server's own, comma-separated ('*': any)", ","),
+    "--allowed-hosts": _Flag("ALLOWED_HOSTS", "allowed_hosts", list, "Host header values allowed besides the bound host, comma-separated ('*': any)", ","),
+    "--drain-grace-s": _Flag("DRAIN_GRACE_S", "drain_grace_s", float, "on SIGTERM, seconds in-flight streams may take to finish before they end with an error event"),
     "--narrate": _Flag("NARRATE", "narrate", bool, "log each prefill, decode step and streamed chunk in plain words"),
     "--log-level": _Flag("LOG_LEVEL", "log_level", str, "DEBUG | INFO | WARNING"),
 }
@@ -145,7 +158,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if spec.kind is bool:
             parser.add_argument(flag, dest=spec.field, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         elif spec.kind is list:
-            parser.add_argument(flag, dest=spec.field, default=None, type=_split_prefixes, help=help_text)
+            parser.add_argument(flag, dest=spec.field, default=None, help=help_text,
+                                type=lambda v, sep=spec.sep: _split_prefixes(v, sep))
         else:
             parser.add_argument(flag, dest=spec.field, default=None, type=spec.kind, help=help_text)
 
@@ -160,7 +174,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             if spec.kind is bool:
                 value = _env_bool(spec.env, False)
             elif spec.kind is list:
-                value = _split_prefixes(raw)
+                value = _split_prefixes(raw, spec.sep)
             else:
                 value = spec.kind(raw)
         if value is not None:

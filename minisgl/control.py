@@ -19,11 +19,39 @@ def run_info_path(port: int) -> Path:
     return root / "run" / f"port-{port}.json"
 
 
+def launcher_alive(pid: int) -> bool:
+    """Whether pid is a running mini-sglang launcher (not a dead one, nor a reused pid)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: not ours to judge
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (macOS): the pid exists, trust it
+    return b"launch.py" in cmdline
+
+
 def find_control_endpoint(port: int) -> str:
     path = run_info_path(port)
     if not path.exists():
         raise FileNotFoundError(f"no mini-sglang server on port {port} recorded at {path}; pass --endpoint")
-    return json.loads(path.read_text())["control_endpoint"]
+    try:
+        info = json.loads(path.read_text())
+    except ValueError:
+        info = {}
+    if not launcher_alive(int(info.get("pid") or 0)):
+        # Left by a launcher killed with SIGKILL: its sockets are gone, a call would only time out.
+        path.unlink(missing_ok=True)
+        raise FileNotFoundError(f"the server recorded at {path} (launcher pid {info.get('pid')}) is not running; "
+                                "removed the stale file")
+    if not info.get("control_endpoint"):
+        raise FileNotFoundError(f"the server on port {port} runs without a control channel (ZMQ_CONTROL off)")
+    return info["control_endpoint"]
 
 
 class ControlClient:

@@ -84,3 +84,31 @@ def report_ready(ctx: zmq.Context, cfg: ServerConfig, name: str, **info: str) ->
     sock = connect_push(ctx, cfg.endpoint("launcher"))
     send(sock, ProcReady(name=name, pid=os.getpid(), info={k: str(v) for k, v in info.items()}))
     sock.close(linger=2000)
+
+
+RESTARTED_ENV = "MINISGL_RESTARTED"
+
+
+def is_restart() -> bool:
+    """Whether the launcher started this process to replace one that died (its peers hold stale state)."""
+    return os.environ.get(RESTARTED_ENV) == "1"
+
+
+class FrameDecoder:
+    """Decodes one socket's frames; a malformed frame is logged (rate-limited) and dropped, never fatal:
+    any process that can reach a socket could send one, and one bad frame must not stop the tree."""
+
+    def __init__(self, union: object, where: str) -> None:
+        self.decoder = msgspec.msgpack.Decoder(union)
+        self.where = where
+        self.dropped = 0
+
+    def decode(self, data: bytes):  # noqa: ANN201 - a member of the union, or None
+        try:
+            return self.decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            self.dropped += 1
+            if self.dropped <= 10 or self.dropped % 1000 == 0:
+                log.warning("%s: dropped a malformed frame (%d bytes, %d dropped so far): %s",
+                            self.where, len(data), self.dropped, e)
+            return None

@@ -72,8 +72,10 @@ class TokenizedReq(Struct, tag="tokenized", kw_only=True):
 
 
 class AbortReq(Struct, tag="abort"):
-    """Stop a request wherever it is (queue or worker). Sent by the gateway on disconnect, by the
-    tokenizer when a stop string matched."""
+    """Stop a request wherever it is (tokenizer, queue or worker). The gateway sends it on disconnect
+    to the tokenizer, on the same pipe as the request itself, so it can never overtake the request:
+    the tokenizer skips a request still waiting to be tokenized and forwards the abort to the
+    scheduler otherwise. The tokenizer also sends it when a stop string matched."""
 
     rid: str
 
@@ -155,6 +157,9 @@ class WorkerStatus(Struct, tag="worker_status", kw_only=True, omit_defaults=True
     cache_inserted: list[list[int]] = []  # token sequences now cached (full prefixes from the root)
     cache_evicted: list[list[int]] = []  # token sequences evicted (full prefixes from the root)
     cache_flushed: bool = False
+    # rids of a Dispatch the worker has taken in (sent at once, before any step): a request the
+    # scheduler dispatched but never saw accepted cannot have run when the worker dies, so it is re-queued
+    accepted: list[str] = []
 
 
 # ---------------------------------------------------------------- any process -> launcher / scheduler
@@ -171,6 +176,7 @@ class WorkerDied(Struct, tag="worker_died"):
 
     worker_id: int
     exitcode: int
+    pid: int = 0  # the dead process: a late notice must not mark its restarted successor down
 
 
 class WorkerUp(Struct, tag="worker_up"):
@@ -178,6 +184,15 @@ class WorkerUp(Struct, tag="worker_up"):
 
     worker_id: int
     kv_total_tokens: int = 0
+    pid: int = 0
+
+
+class PeerRestarted(Struct, tag="peer_restarted"):
+    """A process the launcher restarted tells the processes next to it that its state is gone:
+    scheduler -> tokenizer and workers (fail / drop everything in flight), tokenizer -> gateway (end
+    every open stream with an error), gateway -> tokenizer (abort everything: its clients are gone)."""
+
+    name: str  # "scheduler" | "tokenizer" | "gateway"
 
 
 # ---------------------------------------------------------------- control channel (ROUTER on scheduler)
@@ -197,10 +212,10 @@ class ControlReply(Struct, kw_only=True, omit_defaults=True):
 
 # ---------------------------------------------------------------- one union per receiving socket
 
-TokenizerInMsg = GenerateReq | TokenBatch | AbortReq
+TokenizerInMsg = GenerateReq | TokenBatch | AbortReq | PeerRestarted
 SchedulerInMsg = TokenizedReq | AbortReq | WorkerStatus | WorkerDied | WorkerUp
-WorkerInMsg = Dispatch | AbortReq | InsertPrefix | FlushCache | Shutdown
-GatewayInMsg = TextBatch
+WorkerInMsg = Dispatch | AbortReq | InsertPrefix | FlushCache | Shutdown | PeerRestarted
+GatewayInMsg = TextBatch | PeerRestarted
 LauncherInMsg = ProcReady
 
 

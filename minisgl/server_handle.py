@@ -71,7 +71,7 @@ class ServerHandle:
         assert self.proc is not None
         return self.proc.pid
 
-    def stop(self, timeout: float = 15.0) -> int | None:
+    def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc is None:
             return None
         if self.proc.poll() is None:

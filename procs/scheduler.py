@@ -9,8 +9,10 @@ Out: Dispatch / AbortReq / InsertPrefix / FlushCache to workers; TokenBatch (err
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -21,12 +23,12 @@ from minisgl import ipc
 from minisgl.config import ServerConfig
 from minisgl.messages import (
     AbortReq,
-    Codec,
     ControlReply,
     ControlReq,
     Dispatch,
     FlushCache,
     InsertPrefix,
+    PeerRestarted,
     SchedulerInMsg,
     TokenBatch,
     TokenizedReq,
@@ -43,6 +45,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("minisgl.scheduler")
 
 CONTROL_COMMANDS = ("metrics", "warm", "insert_prefix", "flush_cache", "health")
+MAX_CONTROL_PREFIXES = 64  # prefixes in one warm / insert_prefix call
+
+
+class ControlInputError(ValueError):
+    """A control request that cannot be served as given: answered ok: false with the reason."""
+
+
+def model_limits(cfg: ServerConfig) -> tuple[int, int]:
+    """(vocabulary size, context window) of the served model, for checking control-channel token ids."""
+    try:
+        model_cfg = json.loads((Path(cfg.model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        model_cfg = {}
+    model_cfg = model_cfg.get("text_config", model_cfg)
+    vocab = int(model_cfg.get("vocab_size") or 0)
+    context = cfg.max_model_len or int(model_cfg.get("max_position_embeddings") or 4096)
+    return vocab, context
 
 
 class SchedulerProcess:
@@ -57,8 +76,10 @@ class SchedulerProcess:
         if cfg.zmq_control:
             self.control = self.ctx.socket(zmq.ROUTER)
             self.control.setsockopt(zmq.LINGER, 0)
+            self.control.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)  # beyond it: dropped by ZeroMQ itself
             self.control.bind(cfg.control_endpoint)
-        self.codec = Codec(SchedulerInMsg)
+        self.decoder = ipc.FrameDecoder(SchedulerInMsg, "scheduler")
+        self.vocab_size, self.context = model_limits(cfg)
         self.control_decoder = msgspec.json.Decoder(ControlReq)
         self.control_encoder = msgspec.json.Encoder()
         self.poller = zmq.Poller()
@@ -69,6 +90,12 @@ class SchedulerProcess:
     # ------------------------------------------------------------ main loop
 
     def run(self) -> None:
+        if ipc.is_restart():
+            # The old scheduler's queue and counts are gone: the tokenizer fails what it holds, the
+            # workers drop what they run and report in again.
+            ipc.send(self.to_tokenizer, PeerRestarted("scheduler"))
+            for sock in self.to_workers:
+                ipc.send(sock, PeerRestarted("scheduler"))
         ipc.report_ready(self.ctx, self.cfg, "scheduler", control=self.cfg.control_endpoint if self.control else "")
         log.info("scheduler ready: mode=%s workers=%d caps total=%d per-engine=%d queue=%d",
                  self.cfg.scheduler_mode, self.cfg.workers, self.cfg.max_inflight_total,
@@ -81,7 +108,13 @@ class SchedulerProcess:
                         data = self.pull.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self.handle(self.codec.decode(data))
+                    msg = self.decoder.decode(data)
+                    if msg is None:
+                        continue
+                    try:
+                        self.handle(msg)
+                    except Exception:  # noqa: BLE001 - e.g. a status naming a worker that does not exist
+                        log.exception("dropped a %s that failed", type(msg).__name__)
             if self.control is not None and self.control in events:
                 self.handle_control()
             self.pump()
@@ -102,11 +135,13 @@ class SchedulerProcess:
         elif isinstance(msg, WorkerStatus):
             core.on_status(msg)
         elif isinstance(msg, WorkerUp):
-            log.info("worker %d is up (%d KV tokens)", msg.worker_id, msg.kv_total_tokens)
-            core.on_worker_up(msg.worker_id)
+            log.info("worker %d is up (%d KV tokens, pid %d)", msg.worker_id, msg.kv_total_tokens, msg.pid)
+            core.on_worker_up(msg.worker_id, msg.pid)
         elif isinstance(msg, WorkerDied):
-            errors = core.on_worker_died(msg.worker_id, msg.exitcode)
-            log.error("worker %d died (exit %d); failing %d in-flight requests", msg.worker_id, msg.exitcode, len(errors))
+            before = core.counters.requeued_worker_died
+            errors = core.on_worker_died(msg.worker_id, msg.exitcode, msg.pid)
+            log.error("worker %d died (exit %d); failing %d in-flight requests, re-queued %d it never started",
+                      msg.worker_id, msg.exitcode, len(errors), core.counters.requeued_worker_died - before)
             self.fail(errors)
 
     def pump(self) -> None:
@@ -115,8 +150,8 @@ class SchedulerProcess:
             ipc.send(self.to_workers[worker_id], Dispatch(reqs))
             if self.cfg.narrate:
                 log.info("dispatch %d request(s) to worker %d (%s)", len(reqs), worker_id, self.cfg.scheduler_mode)
-        for worker_id, ids in self.core.pop_warmups():
-            ipc.send(self.to_workers[worker_id], InsertPrefix(ids))
+        for worker_id, warm in self.core.pop_warmups():
+            ipc.send(self.to_workers[worker_id], Dispatch([warm]))
 
     def fail(self, items: list[TokenOut]) -> None:
         if items:
@@ -143,16 +178,36 @@ class SchedulerProcess:
                 reply = self.control_command(self.control_decoder.decode(payload))
             except msgspec.DecodeError as e:
                 reply = ControlReply(ok=False, error=f"malformed control request: {e}")
+            except ControlInputError as e:
+                reply = ControlReply(ok=False, error=str(e))
             except Exception as e:  # noqa: BLE001 - a bad command must never take the scheduler down
                 log.exception("control command failed")
                 reply = ControlReply(ok=False, error=f"{type(e).__name__}: {e}")
             self.control.send_multipart([*envelope, self.control_encoder.encode(reply)])
 
     def _prefix_ids(self, req: ControlReq) -> list[list[int]]:
+        """Checked like HTTP input, before anything is tokenized or sent: a bad id would crash a worker's
+        embedding, a huge text would hold this loop for seconds."""
+        cmd = req.command
+        if len(req.token_ids) + len(req.prefixes) > MAX_CONTROL_PREFIXES:
+            raise ControlInputError(f"'{cmd}' takes at most {MAX_CONTROL_PREFIXES} prefixes per call")
+        chars = sum(len(t) for t in req.prefixes)
+        if chars > self.cfg.max_prompt_chars:
+            raise ControlInputError(f"'{cmd}': the prefixes hold {chars} characters; the limit is "
+                                    f"{self.cfg.max_prompt_chars} (MAX_PROMPT_CHARS)")
+        hi = self.vocab_size - 1
+        for i, ids in enumerate(req.token_ids):
+            bad = next((t for t in ids if t < 0 or (hi >= 0 and t > hi)), None)
+            if bad is not None:
+                raise ControlInputError(f"'{cmd}': token_ids[{i}] holds {bad}; ids must be between 0 and {hi}")
         seqs = [list(ids) for ids in req.token_ids]
         seqs += [self.tokenizer(text).input_ids for text in req.prefixes]
         if not seqs or any(len(s) == 0 for s in seqs):
-            raise ValueError(f"'{req.command}' needs non-empty 'prefixes' (text) or 'token_ids'")
+            raise ControlInputError(f"'{cmd}' needs non-empty 'prefixes' (text) or 'token_ids'")
+        for i, s in enumerate(seqs):
+            if len(s) >= self.context:
+                raise ControlInputError(f"'{cmd}': prefix {i} is {len(s)} tokens; the context window is "
+                                        f"{self.context} tokens")
         return seqs
 
     def control_command(self, req: ControlReq) -> ControlReply:
@@ -166,9 +221,13 @@ class SchedulerProcess:
                                 error=None if up else "no worker is up")
         if req.command == "warm":
             seqs = self._prefix_ids(req)
+            if self.cfg.backend == "hf":
+                return ControlReply(ok=True, data={"queued": 0, "skipped": "the hf backend has no prefix cache"})
             if self.cfg.async_prefill_queue:
-                for ids in seqs:
-                    core.queue_warmup(ids)
+                refused = sum(not core.queue_warmup(ids) for ids in seqs)
+                if refused:
+                    return ControlReply(ok=False, error=f"the warm-up queue is full ({len(core.warm_queue)} "
+                                        f"waiting); {len(seqs) - refused} of {len(seqs)} prefixes queued")
             else:
                 self._insert_now(seqs)
             return ControlReply(ok=True, data={"queued": len(seqs), "tokens": [len(s) for s in seqs],

@@ -1,8 +1,13 @@
 """Tokenizer process: text (or chat messages) -> token ids, and worker token batches -> text deltas.
 
-In:  GenerateReq from the gateway; TokenBatch from workers (and from the scheduler, for requests it
-     failed before dispatch).
+In:  GenerateReq / AbortReq from the gateway; TokenBatch from workers (and from the scheduler, for
+     requests it failed before dispatch); PeerRestarted from a restarted scheduler or gateway.
 Out: TokenizedReq / AbortReq to the scheduler; TextBatch to the gateway (one per TokenBatch).
+
+Aborts from the gateway come here, not to the scheduler: they travel on the same pipe as the request,
+so an abort can never arrive anywhere before its request. One that finds its request still waiting in
+this process's input (behind a long prompt being tokenized) drops it before any work is done; one that
+comes later is forwarded to the scheduler, which by then has the request (same pipe, same order).
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from minisgl.messages import (
     FINISH_STOP,
     AbortReq,
     ChatMessage,
-    Codec,
     GenerateReq,
+    PeerRestarted,
     TextBatch,
     TextOut,
     TokenBatch,
@@ -110,6 +115,10 @@ class TokenizerService:
                 raise InputError(f"prompt is {len(ids)} tokens; the context window is {self.context} tokens")
         except InputError as e:
             return None, TextOut(rid=req.rid, finish_reason=FINISH_ERROR, error=str(e), status=400)
+        except Exception as e:  # noqa: BLE001 - e.g. a chat template that raises on these messages
+            log.warning("cannot tokenize rid=%s: %s: %s", req.rid, type(e).__name__, e)
+            return None, TextOut(rid=req.rid, finish_reason=FINISH_ERROR, status=400,
+                                 error=f"cannot tokenize this request: {type(e).__name__}: {e}")
         params = req.params
         room = self.context - len(ids)
         if params.max_new_tokens > room:  # finish with "length" at the window's edge, as vLLM/SGLang do
@@ -168,38 +177,86 @@ class TokenizerService:
         if state is not None:
             state.finished = True
 
+    def drop_all(self) -> list[str]:
+        """A peer restarted and took its part of every request with it: forget them all."""
+        rids = list(self.states)
+        self.states.clear()
+        return rids
 
-def main() -> None:
-    cfg = ipc.become_child("tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-    service = TokenizerService(cfg, tokenizer)
-    ctx = zmq.Context()
-    pull = ipc.bind_pull(ctx, cfg.endpoint("tokenizer"))
-    to_scheduler = ipc.connect_push(ctx, cfg.endpoint("scheduler"))
-    to_gateway = ipc.connect_push(ctx, cfg.endpoint("gateway"))
-    codec = Codec(TokenizerInMsg)
-    ipc.report_ready(ctx, cfg, "tokenizer", context_window=str(service.context))
-    log.info("tokenizer ready: context window %d, eos ids %s", service.context, service.eos_ids)
-    while True:
-        msg = codec.decode(pull.recv())
+
+class TokenizerLoop:
+    def __init__(self, cfg: ServerConfig, service: TokenizerService) -> None:
+        self.cfg, self.service = cfg, service
+        self.ctx = zmq.Context()
+        self.pull = ipc.bind_pull(self.ctx, cfg.endpoint("tokenizer"))
+        self.to_scheduler = ipc.connect_push(self.ctx, cfg.endpoint("scheduler"))
+        self.to_gateway = ipc.connect_push(self.ctx, cfg.endpoint("gateway"))
+        self.decoder = ipc.FrameDecoder(TokenizerInMsg, "tokenizer")
+        self.skipped = 0  # requests aborted before they were tokenized
+
+    def run(self) -> None:
+        if ipc.is_restart():  # the requests the old tokenizer held cannot be finished: the gateway ends them
+            ipc.send(self.to_gateway, PeerRestarted("tokenizer"))
+        ipc.report_ready(self.ctx, self.cfg, "tokenizer", context_window=str(self.service.context))
+        log.info("tokenizer ready: context window %d, eos ids %s", self.service.context, self.service.eos_ids)
+        while True:
+            # Everything waiting, at once: an abort queued behind its own request cancels it here,
+            # before the (possibly long) tokenizing starts.
+            batch = [self.pull.recv()]
+            while True:
+                try:
+                    batch.append(self.pull.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            msgs = [m for m in map(self.decoder.decode, batch) if m is not None]
+            aborted = {m.rid for m in msgs if isinstance(m, AbortReq)}
+            for msg in msgs:
+                try:
+                    self.handle(msg, aborted)
+                except Exception:  # noqa: BLE001 - one bad message must never stop the tree
+                    log.exception("dropped a %s that failed", type(msg).__name__)
+
+    def handle(self, msg: object, aborted: set[str]) -> None:
+        service = self.service
         if isinstance(msg, TokenBatch):
             items, aborts = service.on_tokens(msg)
             if items:
-                ipc.send(to_gateway, TextBatch(items))
+                ipc.send(self.to_gateway, TextBatch(items))
             for rid in aborts:
-                ipc.send(to_scheduler, AbortReq(rid))
+                ipc.send(self.to_scheduler, AbortReq(rid))
         elif isinstance(msg, GenerateReq):
+            if msg.rid in aborted:
+                self.skipped += 1
+                log.info("rid=%s aborted before it was tokenized (%d so far)", msg.rid[:8], self.skipped)
+                return
             t0 = time.perf_counter()
             tokenized, error = service.on_generate(msg)
             if error is not None:
-                ipc.send(to_gateway, TextBatch([error]))
+                ipc.send(self.to_gateway, TextBatch([error]))
             else:
-                ipc.send(to_scheduler, tokenized)
-                if cfg.narrate:
+                ipc.send(self.to_scheduler, tokenized)
+                if self.cfg.narrate:
                     log.info("tokenized rid=%s: %d prompt tokens in %.1f ms", msg.rid,
                              len(tokenized.input_ids), (time.perf_counter() - t0) * 1e3)
         elif isinstance(msg, AbortReq):
             service.on_abort(msg.rid)
+            ipc.send(self.to_scheduler, msg)  # harmless when the request never got that far
+        elif isinstance(msg, PeerRestarted):
+            rids = service.drop_all()
+            for rid in rids:  # whatever still runs for them runs for nobody
+                ipc.send(self.to_scheduler, AbortReq(rid))
+            if msg.name == "scheduler" and rids:
+                ipc.send(self.to_gateway, TextBatch([
+                    TextOut(rid=rid, finish_reason=FINISH_ERROR, status=503,
+                            error="the scheduler process restarted; this request was lost, retry it")
+                    for rid in rids]))
+            log.error("%s restarted: dropped %d request(s) in flight", msg.name, len(rids))
+
+
+def main() -> None:
+    cfg = ipc.become_child("tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    TokenizerLoop(cfg, TokenizerService(cfg, tokenizer)).run()
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ from minisgl.backends.base import Backend, BackendConfig, StepOutput, create_bac
 from minisgl.config import ServerConfig
 from minisgl.messages import (
     AbortReq,
-    Codec,
     Dispatch,
     FlushCache,
     InsertPrefix,
+    PeerRestarted,
     Shutdown,
     TokenBatch,
     WorkerInMsg,
@@ -70,7 +70,8 @@ class WorkerLoop:
         self.pull = ipc.bind_pull(self.ctx, cfg.endpoint(f"worker-{worker_id}"))
         self.to_tokenizer = ipc.connect_push(self.ctx, cfg.endpoint("tokenizer"))
         self.to_scheduler = ipc.connect_push(self.ctx, cfg.endpoint("scheduler"))
-        self.codec = Codec(WorkerInMsg)
+        self.decoder = ipc.FrameDecoder(WorkerInMsg, f"worker-{worker_id}")
+        self.live: set[str] = set()  # rids dispatched here and not yet finished
         self.last_status = 0.0
         self.pending = StepOutput()  # cache events not yet reported (e.g. from start-up warm-up)
 
@@ -93,6 +94,18 @@ class WorkerLoop:
         if isinstance(msg, Dispatch):
             for req in msg.reqs:
                 self.backend.add_request(req)
+                self.live.add(req.rid)
+            # Say so before any step runs: a request the scheduler never saw accepted is re-queued
+            # elsewhere if this process dies, so it must not have run here.
+            self.send_status(StepOutput(), accepted=[r.rid for r in msg.reqs if not r.warmup])
+        elif isinstance(msg, PeerRestarted):
+            # A new scheduler knows nothing of what runs here (the tokenizer has failed those requests):
+            # drop it all and report in as a fresh worker.
+            for rid in list(self.live):
+                self.backend.abort(rid)
+            log.warning("the scheduler restarted: dropped %d request(s), reporting in again", len(self.live))
+            self.live.clear()
+            self.announce()
         elif isinstance(msg, AbortReq):
             self.backend.abort(msg.rid)
         elif isinstance(msg, InsertPrefix):
@@ -104,19 +117,24 @@ class WorkerLoop:
             return False
         return True
 
-    def send_status(self, out: StepOutput, flushed: bool = False) -> None:
+    def send_status(self, out: StepOutput, flushed: bool = False, accepted: list[str] | None = None) -> None:
         s = self.backend.stats()
         ipc.send(self.to_scheduler, WorkerStatus(
             worker_id=self.worker_id, finished=out.finished, running=s.running, waiting=s.waiting,
             kv_used_tokens=s.kv_used_tokens, kv_total_tokens=s.kv_total_tokens,
             cached_tokens_total=s.cached_tokens_total, prompt_tokens_total=s.prompt_tokens_total,
             cache_inserted=out.cache_inserted, cache_evicted=out.cache_evicted, cache_flushed=flushed,
+            accepted=accepted or [],
         ))
         self.last_status = time.monotonic()
 
-    def run(self) -> None:
-        ipc.send(self.to_scheduler, WorkerUp(self.worker_id, self.backend.stats().kv_total_tokens))
+    def announce(self) -> None:
+        ipc.send(self.to_scheduler, WorkerUp(self.worker_id, self.backend.stats().kv_total_tokens, pid=os.getpid()))
         self.send_status(self.pending)
+        self.pending = StepOutput()
+
+    def run(self) -> None:
+        self.announce()
         ipc.report_ready(self.ctx, self.cfg, f"worker-{self.worker_id}", backend=self.backend.name,
                          device=self.backend.config.device, max_context=str(self.backend.max_context_len()))
         running = True
@@ -129,15 +147,25 @@ class WorkerLoop:
                         data = self.pull.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    running = self.handle(self.codec.decode(data)) and running
+                    msg = self.decoder.decode(data)
+                    if msg is None:
+                        continue
+                    try:
+                        running = self.handle(msg) and running
+                    except Exception:  # noqa: BLE001 - one bad message must never stop the worker
+                        log.exception("dropped a %s that failed", type(msg).__name__)
             if not self.backend.has_work():
                 continue
             out = self.backend.step()
-            if out.outputs:
-                ipc.send(self.to_tokenizer, TokenBatch(self.worker_id, out.outputs))
+            self.live.difference_update(out.finished)
+            # Status first: the scheduler must count a request as finished before its client can
+            # see the end of it and send the next one (else that one is dispatched against a stale
+            # load, e.g. cache_aware sends it away from an idle worker).
             if out.finished or out.cache_inserted or out.cache_evicted or \
                     time.monotonic() - self.last_status > STATUS_INTERVAL_S:
                 self.send_status(out)
+            if out.outputs:
+                ipc.send(self.to_tokenizer, TokenBatch(self.worker_id, out.outputs))
         self.backend.shutdown()
 
 

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteri
 from transformers.generation.streamers import BaseStreamer
 
 from minisgl.backends.base import Backend, BackendConfig, BackendStats, StepOutput, register_backend
+from minisgl.engine.sampler import mix_seed
 from minisgl.messages import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, TokenizedReq, TokenOut
 
 log = logging.getLogger("minisgl.hf")
@@ -97,7 +98,7 @@ class HFBackend(Backend):
             # generate() has no per-call RNG: seeding the global one is what an HF user does, and it is
             # only reproducible when requests do not overlap.
             with self.seed_lock:
-                torch.manual_seed(p.seed)
+                torch.manual_seed(mix_seed(p.seed))  # all 64 bits count, as in our engine
         ids = torch.tensor([r.req.input_ids], device=self.config.device)
         with torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), streamer=IdStreamer(r.req.rid, self.tokens),

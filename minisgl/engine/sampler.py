@@ -14,6 +14,17 @@ import torch
 from minisgl.engine.request import Req
 
 
+def mix_seed(seed: int) -> int:
+    """The CPU generator (mt19937) keeps only a seed's low 32 bits, so 5 and 5 + 2**32 drew the same
+    tokens. Fold all 64 bits into the low word first (splitmix64's finalizer: every input bit moves
+    about half the output bits), so seeds that differ anywhere give different streams."""
+    z = (seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z ^= z >> 31
+    return (z ^ (z >> 32)) & 0xFFFFFFFF
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
@@ -22,7 +33,7 @@ class Sampler:
 
     def request_generator(self, seed: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed(seed)
+        g.manual_seed(mix_seed(seed))
         return g
 
     def sample(self, logits: torch.Tensor, reqs: list[Req]) -> list[int]:

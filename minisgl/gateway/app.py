@@ -28,15 +28,23 @@ from starlette.routing import Route
 from minisgl import ipc
 from minisgl.config import ServerConfig
 from minisgl.gateway.metrics import GatewayMetrics
-from minisgl.gateway.requests import ParsedRequest, RequestError, parse_chat, parse_completion, parse_generate
+from minisgl.gateway.requests import (
+    ParsedRequest,
+    RequestError,
+    check_encodable,
+    parse_chat,
+    parse_completion,
+    parse_generate,
+)
+from minisgl.gateway.security import guard_middleware
 from minisgl.messages import (
-    FINISH_ABORT,
+    FINISH_ERROR,
     AbortReq,
-    Codec,
     ControlReply,
     ControlReq,
     GatewayInMsg,
     GenerateReq,
+    PeerRestarted,
     TextBatch,
     TextOut,
 )
@@ -65,6 +73,19 @@ class Stream:
 
     async def next(self) -> TextOut:
         item = await self.queue.get()
+        self._book(item)
+        return item
+
+    async def next_or_gone(self, request: Request, poll_s: float = 0.5) -> TextOut | None:
+        """The next item, or None once the client has disconnected (checked every poll_s while waiting)."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.next(), timeout=poll_s)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return None
+
+    def _book(self, item: TextOut) -> None:
         now = time.time()
         if item.text:
             if self.first_token_at is None:
@@ -74,7 +95,6 @@ class Stream:
             self.last_chunk_at = now
         if item.finish_reason is not None:
             self.done = True
-        return item
 
 
 class Bridge:
@@ -84,39 +104,51 @@ class Bridge:
         self.cfg = cfg
         self.sync_ctx = zmq.Context()
         self.async_ctx = zmq.asyncio.Context()
-        # Plain sockets for sending: a send never blocks (no high-water mark) and needs no await, so it
-        # also works in a `finally` of a cancelled stream.
+        # A plain socket for sending: a send never blocks (no high-water mark) and needs no await, so it
+        # also works in a `finally` of a cancelled stream. Requests and aborts share it, so an abort
+        # always reaches the tokenizer after its request, wherever that request is by then.
         self.to_tokenizer = ipc.connect_push(self.sync_ctx, cfg.endpoint("tokenizer"))
-        self.to_scheduler = ipc.connect_push(self.sync_ctx, cfg.endpoint("scheduler"))
         self.pull = self.async_ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.bind(cfg.endpoint("gateway"))
-        self.codec = Codec(GatewayInMsg)
+        self.decoder = ipc.FrameDecoder(GatewayInMsg, "gateway")
         self.streams: dict[str, Stream] = {}
         self.reader: asyncio.Task | None = None
 
     async def read_forever(self) -> None:
         while True:
-            batch: TextBatch = self.codec.decode(await self.pull.recv())
-            for item in batch.items:
-                stream = self.streams.get(item.rid)
-                if stream is not None:
-                    stream.queue.put_nowait(item)
+            msg = self.decoder.decode(await self.pull.recv())
+            if isinstance(msg, TextBatch):
+                for item in msg.items:
+                    stream = self.streams.get(item.rid)
+                    if stream is not None:
+                        stream.queue.put_nowait(item)
+            elif isinstance(msg, PeerRestarted) and msg.name == "tokenizer":
+                n = self.fail_all("the tokenizer process restarted; this request was lost, retry it")
+                log.error("tokenizer restarted: ended %d open request(s) with an error", n)
+
+    def fail_all(self, error: str, status: int = 503) -> int:
+        """End every open request with a final error item (and abort it wherever it still runs)."""
+        streams = [s for s in self.streams.values() if not s.done]
+        for stream in streams:
+            stream.queue.put_nowait(TextOut(rid=stream.rid, finish_reason=FINISH_ERROR, error=error, status=status))
+            ipc.send(self.to_tokenizer, AbortReq(stream.rid))
+        return len(streams)
 
     def submit(self, parsed: ParsedRequest) -> Stream:
         rid = uuid.uuid4().hex
         stream = Stream(rid, asyncio.Queue(), time.time())
-        self.streams[rid] = stream
         ipc.send(self.to_tokenizer, GenerateReq(rid=rid, prompt=parsed.prompt, messages=parsed.messages,
                                                 params=parsed.params, arrival=stream.arrival,
                                                 chat_prompt=parsed.chat_prompt))
+        self.streams[rid] = stream  # only once it was sent: a send that raised leaves nothing behind
         return stream
 
     def release(self, stream: Stream) -> None:
-        """The client is gone or served: abort whatever is still running, forget the queue."""
-        if not stream.done:
-            ipc.send(self.to_scheduler, AbortReq(stream.rid))
-        self.streams.pop(stream.rid, None)
+        """The client is gone or served: abort whatever is still running, forget the queue. Idempotent."""
+        if self.streams.pop(stream.rid, None) is not None and not stream.done:
+            stream.done = True
+            ipc.send(self.to_tokenizer, AbortReq(stream.rid))
 
     async def control(self, command: str, timeout: float = 2.0) -> dict | None:
         if not self.cfg.zmq_control:
@@ -138,6 +170,21 @@ class Bridge:
 Formatter = Callable[[TextOut], list[str]]
 
 
+class ReleasingStream(StreamingResponse):
+    """A StreamingResponse that releases its request however the response ends: finished, cut by a
+    disconnect, or cancelled before its body generator ever ran (whose `finally` would then never run)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
 class Gateway:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
@@ -145,81 +192,105 @@ class Gateway:
         self.metrics = GatewayMetrics()
         name = cfg.served_model_name or "default"
         self.model_names = {name, name.split("/")[-1], "default"}
+        self.draining = False  # SIGTERM: new requests get 503 while open ones finish
 
     # ------------------------------------------------------------ lifecycle
 
     async def startup(self) -> None:
         self.bridge.reader = asyncio.create_task(self.bridge.read_forever())
+        if ipc.is_restart():  # whatever the old gateway had in flight has no client any more
+            ipc.send(self.bridge.to_tokenizer, PeerRestarted("gateway"))
         ipc.report_ready(self.bridge.sync_ctx, self.cfg, "gateway", url=f"http://{self.cfg.host}:{self.cfg.port}")
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking requests, give open ones grace_s to finish, then end each with an error event."""
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while self.bridge.streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        n = self.bridge.fail_all(f"the server is shutting down; this request did not finish within the "
+                                 f"{grace_s:g}s grace period")
+        if n:
+            log.warning("drain: ended %d open request(s) with an error event", n)
+        deadline = time.monotonic() + 2.0  # let those error events reach their clients
+        while self.bridge.streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     # ------------------------------------------------------------ the common request path
 
     async def _body(self, request: Request) -> Any:
-        raw = await request.body()
+        """The JSON body, read up to MAX_BODY_BYTES (413 beyond), every string valid Unicode."""
+        limit = self.cfg.max_body_bytes
+        too_big = RequestError(f"request body exceeds {limit} bytes (MAX_BODY_BYTES)", status=413, code="body_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
         try:
-            return json.loads(raw)
+            body = json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(f"malformed JSON body: {e}") from None
-
-    async def _first(self, request: Request, stream: Stream) -> TextOut | None:
-        """Wait for the first item, giving up (and aborting) if the client leaves meanwhile."""
-        while True:
-            try:
-                return await asyncio.wait_for(stream.next(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return None
+        except RecursionError:
+            raise RequestError("malformed JSON body: nested too deeply") from None
+        check_encodable(body)
+        return body
 
     async def serve(self, request: Request, parse: Callable[..., ParsedRequest],
                     stream_fmt: Callable[[Stream, ParsedRequest], Formatter], stream_tail: list[str],
                     whole_fmt: Callable[[Stream, ParsedRequest, str, TextOut], dict], media_type: str) -> Response:
+        if self.draining:
+            return error_response("the server is shutting down", 503, code="shutting_down")
         try:
             parsed = parse(await self._body(request), self.cfg, self.model_names)
         except RequestError as e:
             self.metrics.rejected.labels(str(e.status)).inc()
             return error_response(e.message, e.status, e.code, e.param)
         stream = self.bridge.submit(parsed)
+        handed_off = False  # once the streaming response owns the request, it releases it
         try:
-            first = await self._first(request, stream)
-        except BaseException:
-            self.bridge.release(stream)
-            raise
-        if first is None:  # client left before the first token
-            self.bridge.release(stream)
-            return Response(status_code=499)
-        if first.error is not None and first.status != 200 and not first.text:
-            self.bridge.release(stream)
-            self.metrics.rejected.labels(str(first.status)).inc()
-            return error_response(first.error, first.status, code="overloaded" if first.status == 429 else "request_failed")
-        if not parsed.stream:
-            return await self._whole(stream, parsed, first, whole_fmt)
-        fmt = stream_fmt(stream, parsed)
-
-        async def body() -> AsyncIterator[str]:
-            item: TextOut | None = first
-            try:
-                while item is not None:
-                    if self.cfg.narrate and item.text:
-                        log.info("stream rid=%s chunk %r", stream.rid[:8], item.text)
-                    for chunk in fmt(item):
-                        yield chunk
-                    item = None if stream.done else await stream.next()
-                for chunk in stream_tail:
-                    yield chunk
-            finally:
+            first = await stream.next_or_gone(request)
+            if first is None:  # client left before the first token
+                return Response(status_code=499)
+            if first.error is not None and first.status != 200 and not first.text:
+                self.metrics.rejected.labels(str(first.status)).inc()
+                return error_response(first.error, first.status, code="overloaded" if first.status == 429 else "request_failed")
+            if not parsed.stream:
+                return await self._whole(request, stream, parsed, first, whole_fmt)
+            response = ReleasingStream(self._stream_body(stream, first, stream_fmt(stream, parsed), stream_tail),
+                                       lambda: self.bridge.release(stream), media_type=media_type,
+                                       headers={"Cache-Control": "no-cache", "X-Request-Id": stream.rid})
+            handed_off = True
+            return response
+        finally:
+            if not handed_off:
                 self.bridge.release(stream)
 
-        return StreamingResponse(body(), media_type=media_type, headers={"Cache-Control": "no-cache", "X-Request-Id": stream.rid})
+    async def _stream_body(self, stream: Stream, first: TextOut, fmt: Formatter, tail: list[str]) -> AsyncIterator[str]:
+        item: TextOut | None = first
+        while item is not None:
+            if self.cfg.narrate and item.text:
+                log.info("stream rid=%s chunk %r", stream.rid[:8], item.text)
+            for chunk in fmt(item):
+                yield chunk
+            item = None if stream.done else await stream.next()
+        for chunk in tail:
+            yield chunk
 
-    async def _whole(self, stream: Stream, parsed: ParsedRequest, first: TextOut,
+    async def _whole(self, request: Request, stream: Stream, parsed: ParsedRequest, first: TextOut,
                      whole_fmt: Callable[[Stream, ParsedRequest, str, TextOut], dict]) -> Response:
+        """A non-streamed answer: collected here, and aborted like a stream when the client leaves."""
         parts, item = [first.text], first
-        try:
-            while not stream.done:
-                item = await stream.next()
-                parts.append(item.text)
-        finally:
-            self.bridge.release(stream)
+        while not stream.done:
+            nxt = await stream.next_or_gone(request)
+            if nxt is None:
+                return Response(status_code=499)  # the caller's finally releases (aborts) it
+            item = nxt
+            parts.append(item.text)
         if item.error is not None:
             return error_response(item.error, item.status if item.status >= 400 else 500, code="request_failed")
         return JSONResponse(whole_fmt(stream, parsed, "".join(parts), item))
@@ -354,6 +425,8 @@ class Gateway:
     # ------------------------------------------------------------ health and metrics
 
     async def health(self, request: Request) -> Response:
+        if self.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok", "model": self.cfg.served_model_name, "backend": self.cfg.backend})
 
     async def metrics_endpoint(self, request: Request) -> Response:
@@ -379,6 +452,11 @@ def create_app(cfg: ServerConfig) -> Starlette:
     async def bad_method(request: Request, exc: Exception) -> Response:
         return error_response(f"method {request.method} not allowed on {request.url.path}", 405, code="method_not_allowed")
 
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # A bug, not bad input: still JSON, and the request's entry was released by serve()'s finally.
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(f"internal error: {type(exc).__name__}", 500, code="internal_error")
+
     routes = [
         Route("/generate", gw.generate, methods=["POST"]),
         Route("/v1/completions", gw.completions, methods=["POST"]),
@@ -387,6 +465,7 @@ def create_app(cfg: ServerConfig) -> Starlette:
         Route("/health", gw.health, methods=["GET"]),
         Route("/metrics", gw.metrics_endpoint, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: bad_method})
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=guard_middleware(cfg),
+                    exception_handlers={404: not_found, 405: bad_method, Exception: internal_error})
     app.state.gateway = gw
     return app

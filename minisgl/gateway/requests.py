@@ -9,6 +9,24 @@ from minisgl.config import ServerConfig
 from minisgl.messages import ChatMessage, SamplingParams
 
 MAX_STOP_STRINGS = 16
+MAX_TOKEN_ID = 2**31 - 1  # no vocabulary comes near; beyond it an id cannot even cross the socket
+# Below this a temperature is greedy in all but name: logits / t overflow float32 near 1e-38 and the
+# softmax turns into NaN. Such a request is served greedily, the limit t -> 0 it asks for.
+MIN_TEMPERATURE = 1e-5
+
+# ------------------------------------------------------------ which fields each endpoint knows
+# A field outside these sets is refused by name (400), never silently ignored.
+CHAT_ROLES = ("system", "user", "assistant")
+MESSAGE_FIELDS = {"role", "content"}
+# OpenAI fields owned by the chat-page / OpenAI-surface work (issue 15): accepted as before here;
+# that branch implements them.
+ISSUE15_FIELDS = {"n", "logprobs", "top_logprobs", "echo", "presence_penalty", "frequency_penalty", "logit_bias"}
+SAMPLING_FIELDS = {"model", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "stream"}
+GENERATE_FIELDS = SAMPLING_FIELDS | ISSUE15_FIELDS | {"prompt", "messages", "raw", "max_new_tokens"}
+# "user" is an end-user id for the provider's abuse monitoring: nothing to honour, nothing lost.
+OPENAI_FIELDS = SAMPLING_FIELDS | ISSUE15_FIELDS | {"stream_options", "user"}
+COMPLETION_FIELDS = OPENAI_FIELDS | {"prompt", "max_tokens"}
+CHAT_FIELDS = OPENAI_FIELDS | {"messages", "max_tokens", "max_completion_tokens"}
 
 
 class RequestError(Exception):
@@ -43,6 +61,22 @@ class Validator:
         if not isinstance(body, dict):
             raise RequestError("request body must be a JSON object")
         self.body, self.cfg = body, cfg
+
+    def only(self, known: set[str], endpoint: str) -> None:
+        """Refuse, by name, every field this endpoint does not honour (null counts as absent)."""
+        unknown = sorted(k for k, v in self.body.items() if k not in known and v is not None)
+        if unknown:
+            raise RequestError(f"unsupported field(s) for {endpoint}: {', '.join(repr(k) for k in unknown)}",
+                               param=unknown[0], code="unsupported_field")
+
+    def check_prompt_size(self, prompt: str | None, messages: list[ChatMessage] | None) -> None:
+        """The character cap, checked before any tokenizing: a huge prompt is refused in microseconds
+        instead of holding the tokenizer (and every request behind it) for seconds."""
+        chars = len(prompt) if prompt is not None else sum(len(m.content) for m in messages or [])
+        if chars > self.cfg.max_prompt_chars:
+            field = "prompt" if prompt is not None else "messages"
+            raise RequestError(f"'{field}' is {chars} characters; the limit is {self.cfg.max_prompt_chars} "
+                               f"(MAX_PROMPT_CHARS)", param=field, code="prompt_too_long")
 
     def get(self, name: str, default: Any = None) -> Any:
         value = self.body.get(name, default)
@@ -85,8 +119,9 @@ class Validator:
 
     def stop_token_ids(self) -> list[int]:
         v = self.get("stop_token_ids", [])
-        if not isinstance(v, list) or not all(_is_int(t) and t >= 0 for t in v):
-            raise RequestError("'stop_token_ids' must be a list of non-negative integers", param="stop_token_ids")
+        if not isinstance(v, list) or not all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in v):
+            raise RequestError(f"'stop_token_ids' must be a list of integers between 0 and {MAX_TOKEN_ID}",
+                               param="stop_token_ids")
         return v
 
     def prompt(self, allow_list: bool) -> str:
@@ -109,15 +144,34 @@ class Validator:
         for i, m in enumerate(v):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise RequestError(f"messages[{i}] must be an object with a string 'role'", param="messages")
-            content = m.get("content")
-            if isinstance(content, list):  # OpenAI content parts: keep the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-            if not isinstance(content, str):
-                raise RequestError(f"messages[{i}].content must be a string", param="messages")
-            out.append(ChatMessage(role=m["role"], content=content))
+            if m["role"] not in CHAT_ROLES:
+                raise RequestError(f"messages[{i}].role {m['role']!r} is not supported; use one of "
+                                   f"{', '.join(CHAT_ROLES)}", param="messages")
+            extra = sorted(k for k, val in m.items() if k not in MESSAGE_FIELDS and val is not None)
+            if extra:
+                raise RequestError(f"messages[{i}]: unsupported field(s) {', '.join(repr(k) for k in extra)}",
+                                   param="messages", code="unsupported_field")
+            out.append(ChatMessage(role=m["role"], content=self._content(i, m.get("content"))))
         if not any(m.content.strip() for m in out):
             raise RequestError("'messages' must contain some non-empty content", param="messages")
         return out
+
+    @staticmethod
+    def _content(i: int, content: Any) -> str:
+        if isinstance(content, list):  # OpenAI content parts: text only
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise RequestError(f"messages[{i}].content[{j}]: content part type {kind!r} is not supported; "
+                                       "only 'text'", param="messages")
+                if not isinstance(part.get("text"), str):
+                    raise RequestError(f"messages[{i}].content[{j}].text must be a string", param="messages")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string or a list of text parts", param="messages")
+        return content
 
     def model(self, known: set[str]) -> str:
         v = self.body.get("model")
@@ -132,9 +186,10 @@ class Validator:
         cfg = self.cfg
         max_new = self.integer(max_tokens_field, cfg.default_max_new_tokens, 1, cfg.max_new_tokens_limit)
         top_k = self.integer("top_k", 0, -1, 1_000_000)
+        temperature = self.number("temperature", default_temperature, 0.0, 100.0)
         return SamplingParams(
             max_new_tokens=max_new or cfg.default_max_new_tokens,
-            temperature=self.number("temperature", default_temperature, 0.0, 100.0),
+            temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
             top_p=self.number("top_p", 1.0, 0.0, 1.0, lo_open=True),
             top_k=max(0, top_k or 0),
             seed=self.integer("seed", None, -(2**63), 2**63 - 1),
@@ -150,12 +205,14 @@ def parse_generate(body: Any, cfg: ServerConfig, known_models: set[str]) -> Pars
     A 'prompt' is sent as one user turn through the model's chat template (what an instruct model
     expects), unless "raw": true asks for plain text completion."""
     v = Validator(body, cfg)
+    v.only(GENERATE_FIELDS, "/generate")
     model = v.model(known_models)
     raw = v.boolean("raw", False)
     if "messages" in v.body and v.body["messages"] is not None:
         prompt, messages = None, v.messages()
     else:
         prompt, messages = v.prompt(allow_list=False), None
+    v.check_prompt_size(prompt, messages)
     return ParsedRequest(prompt, messages, v.sampling("max_new_tokens", 0.0), v.boolean("stream", True), False, model,
                          chat_prompt=not raw)
 
@@ -175,16 +232,43 @@ def _include_usage(v: Validator) -> bool:
 
 def parse_completion(body: Any, cfg: ServerConfig, known_models: set[str]) -> ParsedRequest:
     v = Validator(body, cfg)
+    v.only(COMPLETION_FIELDS, "/v1/completions")
     model = v.model(known_models)
     _openai_common(v)
     params = v.sampling("max_tokens", 1.0)
-    return ParsedRequest(v.prompt(allow_list=True), None, params, v.boolean("stream", False), _include_usage(v), model)
+    prompt = v.prompt(allow_list=True)
+    v.check_prompt_size(prompt, None)
+    return ParsedRequest(prompt, None, params, v.boolean("stream", False), _include_usage(v), model)
 
 
 def parse_chat(body: Any, cfg: ServerConfig, known_models: set[str]) -> ParsedRequest:
     v = Validator(body, cfg)
+    v.only(CHAT_FIELDS, "/v1/chat/completions")
     model = v.model(known_models)
     _openai_common(v)
     field = "max_completion_tokens" if v.body.get("max_completion_tokens") is not None else "max_tokens"
     params = v.sampling(field, 1.0)
-    return ParsedRequest(None, v.messages(), params, v.boolean("stream", False), _include_usage(v), model)
+    messages = v.messages()
+    v.check_prompt_size(None, messages)
+    return ParsedRequest(None, messages, params, v.boolean("stream", False), _include_usage(v), model)
+
+
+def check_encodable(body: Any) -> None:
+    """Every string in a decoded JSON body must be valid Unicode: JSON lets a client write a lone
+    surrogate ("\\ud800"), which no socket (UTF-8, msgpack) can carry."""
+    todo: list[tuple[str, Any]] = [("body", body)]
+    while todo:
+        path, v = todo.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RequestError(f"{path} holds invalid Unicode (a lone surrogate at character {e.start})",
+                                   param=path.split(".")[1].split("[")[0] if "." in path else None) from None
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                if isinstance(k, str):
+                    todo.append((f"{path}.{k}", item))
+                    todo.append((f"{path} key", k))
+        elif isinstance(v, list):
+            todo.extend((f"{path}[{i}]", item) for i, item in enumerate(v))

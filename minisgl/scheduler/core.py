@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from minisgl.config import ServerConfig
-from minisgl.messages import FINISH_ABORT, FINISH_ERROR, TokenizedReq, TokenOut, WorkerStatus
+from minisgl.messages import FINISH_ABORT, FINISH_ERROR, SamplingParams, TokenizedReq, TokenOut, WorkerStatus
 from minisgl.scheduler.policy import make_policy
 from minisgl.scheduler.workers import WorkerState
 
@@ -36,13 +36,30 @@ class Counters:
     timed_out: int = 0
     aborted_in_queue: int = 0
     failed_worker_died: int = 0
+    requeued_worker_died: int = 0
     scaled_max_new_tokens: int = 0
+    warmups_refused: int = 0
+
+
+MAX_WARM_QUEUE = 64  # prefixes waiting to be warmed; beyond it `warm` answers ok: false
+WARM_PIECE_TIMEOUT_S = 60.0  # a warm-up piece never reported back (a backend without a cache) is forgotten
 
 
 @dataclass
 class WarmItem:
     input_ids: list[int]
     pending_workers: set[int] = field(default_factory=set)
+    done: dict[int, int] = field(default_factory=dict)  # worker -> tokens of the prefix warmed so far
+
+
+@dataclass
+class WarmPiece:
+    """The one warm-up a worker has at a time: a prefix of item.input_ids up to `end`."""
+
+    rid: str
+    item: WarmItem
+    end: int
+    sent: float
 
 
 class SchedulerCore:
@@ -52,7 +69,10 @@ class SchedulerCore:
         self.workers = [WorkerState(i) for i in range(num_workers)]
         self.queue: deque[Queued] = deque()
         self.owner: dict[str, int] = {}  # rid -> worker it was dispatched to
+        self.dispatched: dict[str, Queued] = {}  # rid -> the request, while in flight (re-queued if never run)
         self.warm_queue: deque[WarmItem] = deque()
+        self.warm_running: dict[int, WarmPiece] = {}  # worker -> its warm-up piece in flight
+        self.warm_seq = 0
         self.counters = Counters()
 
     # ------------------------------------------------------------ admission
@@ -103,10 +123,13 @@ class SchedulerCore:
             if not candidates:
                 break
             queued = self.queue.popleft()
+            # The load the policy sees is this scheduler's own count of what it dispatched and has
+            # not seen finish: it goes up here, in the same pass, never later from a worker report.
             worker = self.policy.choose(queued.req.input_ids, candidates)
             worker.inflight.add(queued.req.rid)
             worker.dispatched_total += 1
             self.owner[queued.req.rid] = worker.worker_id
+            self.dispatched[queued.req.rid] = queued
             self.counters.dispatched += 1
             out.setdefault(worker.worker_id, []).append(queued.req)
         return out
@@ -135,41 +158,93 @@ class SchedulerCore:
         return None, None
 
     def on_status(self, status: WorkerStatus) -> None:
+        if not 0 <= status.worker_id < len(self.workers):
+            raise ValueError(f"status from unknown worker {status.worker_id}")
         worker = self.workers[status.worker_id]
+        piece = self.warm_running.get(status.worker_id)
+        if piece is not None and piece.rid in status.finished:
+            self._warm_piece_done(status.worker_id, piece)
         for rid in worker.apply_status(status):
             self.owner.pop(rid, None)
+            self.dispatched.pop(rid, None)
             self.counters.finished += 1
 
-    def on_worker_up(self, worker_id: int) -> None:
-        self.workers[worker_id].up = True
+    def on_worker_up(self, worker_id: int, pid: int = 0) -> None:
+        w = self.workers[worker_id]
+        w.up, w.pid = True, pid
         for item in self.warm_queue:  # a restarted worker lost its cache: warm it again
             item.pending_workers.add(worker_id)
+            item.done.pop(worker_id, None)
 
-    def on_worker_died(self, worker_id: int, exitcode: int) -> list[TokenOut]:
-        lost = self.workers[worker_id].mark_down()
-        for rid in lost:
+    def on_worker_died(self, worker_id: int, exitcode: int, pid: int = 0) -> list[TokenOut]:
+        """Fail what the worker had started; re-queue (at the front, in order) what it never took in:
+        those never ran, so another worker (or this one once restarted) serves them as if nothing happened."""
+        w = self.workers[worker_id]
+        if pid and w.pid and pid != w.pid:
+            return []  # a late notice about an earlier process: its successor is already up
+        started, never_ran = w.mark_down()
+        self.warm_running.pop(worker_id, None)
+        for rid in started + never_ran:
             self.owner.pop(rid, None)
-        self.counters.failed_worker_died += len(lost)
+        requeue = [self.dispatched.pop(rid) for rid in never_ran if rid in self.dispatched]
+        for queued in sorted(requeue, key=lambda q: q.enqueued, reverse=True):
+            self.queue.appendleft(queued)
+        for rid in started:
+            self.dispatched.pop(rid, None)
+        self.counters.failed_worker_died += len(started)
+        self.counters.requeued_worker_died += len(requeue)
         return [TokenOut(rid=rid, finish_reason=FINISH_ERROR, status=500,
                          error=f"worker {worker_id} died (exit code {exitcode}) while serving this request")
-                for rid in lost]
+                for rid in started]
 
     # ------------------------------------------------------------ warm-ups
 
-    def queue_warmup(self, input_ids: list[int]) -> None:
+    def queue_warmup(self, input_ids: list[int]) -> bool:
+        """Queue a prefix to warm on every worker; False when the queue is full (the caller says so)."""
+        if any(item.input_ids == input_ids for item in self.warm_queue):
+            return True  # already waiting
+        if len(self.warm_queue) >= MAX_WARM_QUEUE:
+            self.counters.warmups_refused += 1
+            return False
         self.warm_queue.append(WarmItem(input_ids, {w.worker_id for w in self.workers}))
+        return True
 
-    def pop_warmups(self) -> list[tuple[int, list[int]]]:
-        """Low priority: a warm-up goes to a worker only while it serves nothing."""
-        out: list[tuple[int, list[int]]] = []
-        for item in list(self.warm_queue):
-            for w in self.workers:
-                if w.worker_id in item.pending_workers and w.up and w.load == 0 and not self.queue:
-                    out.append((w.worker_id, item.input_ids))
-                    item.pending_workers.discard(w.worker_id)
-            if not item.pending_workers:
-                self.warm_queue.remove(item)
+    def pop_warmups(self, now: float | None = None) -> list[tuple[int, TokenizedReq]]:
+        """Low priority, bounded: a worker gets one warm-up piece at a time (at most chunk_size new tokens,
+        one engine step), only while it serves nothing and nothing waits, and the next piece only once it
+        reported the last one done. A request arriving meanwhile waits one step at most."""
+        now = time.monotonic() if now is None else now
+        out: list[tuple[int, TokenizedReq]] = []
+        for w in self.workers:
+            piece = self.warm_running.get(w.worker_id)
+            if piece is not None and now - piece.sent > WARM_PIECE_TIMEOUT_S:
+                self.warm_running.pop(w.worker_id)  # never reported: give up on it
+                piece.item.pending_workers.discard(w.worker_id)
+                self._drop_finished_items()
+                piece = None
+            if piece is not None or not w.up or w.load > 0 or self.queue:
+                continue
+            item = next((i for i in self.warm_queue if w.worker_id in i.pending_workers), None)
+            if item is None:
+                continue
+            end = min(len(item.input_ids), item.done.get(w.worker_id, 0) + max(1, self.cfg.chunk_size))
+            self.warm_seq += 1
+            rid = f"__warm-{self.warm_seq}"
+            self.warm_running[w.worker_id] = WarmPiece(rid, item, end, now)
+            out.append((w.worker_id, TokenizedReq(rid=rid, input_ids=item.input_ids[:end], arrival=0.0,
+                                                  params=SamplingParams(max_new_tokens=1), warmup=True)))
         return out
+
+    def _warm_piece_done(self, worker_id: int, piece: WarmPiece) -> None:
+        del self.warm_running[worker_id]
+        piece.item.done[worker_id] = piece.end
+        if piece.end >= len(piece.item.input_ids):
+            piece.item.pending_workers.discard(worker_id)
+            self._drop_finished_items()
+
+    def _drop_finished_items(self) -> None:
+        for item in [i for i in self.warm_queue if not i.pending_workers]:
+            self.warm_queue.remove(item)
 
     # ------------------------------------------------------------ observability
 
@@ -179,6 +254,7 @@ class SchedulerCore:
             "queued": len(self.queue),
             "inflight": self.inflight_total,
             "warm_queue": len(self.warm_queue),
+            "warm_running": len(self.warm_running),
             "counters": dict(vars(self.counters)),
             "workers": [
                 {

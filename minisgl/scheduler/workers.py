@@ -12,7 +12,9 @@ from minisgl.scheduler.index import PrefixIndex
 class WorkerState:
     worker_id: int
     up: bool = False
-    inflight: set[str] = field(default_factory=set)
+    inflight: set[str] = field(default_factory=set)  # dispatched here and not yet reported finished
+    accepted: set[str] = field(default_factory=set)  # of those, the ones the worker said it took in
+    pid: int = 0
     running: int = 0
     waiting: int = 0
     kv_used_tokens: int = 0
@@ -38,18 +40,23 @@ class WorkerState:
             self.index.remove(seq)
         for seq in status.cache_inserted:
             self.index.insert(seq)
+        self.accepted.update(rid for rid in status.accepted if rid in self.inflight)
         done = [rid for rid in status.finished if rid in self.inflight]
         self.inflight.difference_update(done)
+        self.accepted.difference_update(done)
         return done
 
-    def mark_down(self) -> list[str]:
-        """The worker died: its KV and cache are gone; returns the rids that were in flight on it."""
-        lost = sorted(self.inflight)
+    def mark_down(self) -> tuple[list[str], list[str]]:
+        """The worker died: its KV and cache are gone. Returns the rids in flight on it: those it had
+        taken in (they may have streamed tokens) and those it never acknowledged (they never ran)."""
+        started = sorted(self.inflight & self.accepted)
+        never_ran = sorted(self.inflight - self.accepted)
         self.up = False
         self.inflight.clear()
+        self.accepted.clear()
         self.running = self.waiting = self.kv_used_tokens = 0
         self.index.clear()
-        return lost
+        return started, never_ran
 
     def cache_hit_rate(self) -> float:
         return self.cached_tokens_total / self.prompt_tokens_total if self.prompt_tokens_total else 0.0
