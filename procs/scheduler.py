@@ -237,9 +237,10 @@ class SchedulerProcess:
             self._insert_now(seqs)
             return ControlReply(ok=True, data={"inserted": len(seqs), "tokens": [len(s) for s in seqs]})
         if req.command == "flush_cache":
+            dropped = core.drop_warmups()  # they would fill the cache again
             for sock in self.to_workers:
                 ipc.send(sock, FlushCache())
-            return ControlReply(ok=True, data={"workers": len(self.to_workers)})
+            return ControlReply(ok=True, data={"workers": len(self.to_workers), "warmups_dropped": dropped})
         return ControlReply(ok=False, error=f"unknown command {req.command!r}; known: {', '.join(CONTROL_COMMANDS)}")
 
     def _insert_now(self, seqs: list[list[int]]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,22 +200,34 @@ class TokenizerLoop:
             ipc.send(self.to_gateway, PeerRestarted("tokenizer"))
         ipc.report_ready(self.ctx, self.cfg, "tokenizer", context_window=str(self.service.context))
         log.info("tokenizer ready: context window %d, eos ids %s", self.service.context, self.service.eos_ids)
+        pending: deque[object] = deque()
+        aborted: set[str] = set()  # rids with an AbortReq among the pending messages
         while True:
-            # Everything waiting, at once: an abort queued behind its own request cancels it here,
-            # before the (possibly long) tokenizing starts.
-            batch = [self.pull.recv()]
+            # Take in everything waiting before each message is handled: an abort queued behind its
+            # own request (e.g. behind a long prompt being tokenized) cancels it before any work.
+            if not pending:
+                self._take(self.pull.recv(), pending, aborted)
             while True:
                 try:
-                    batch.append(self.pull.recv(zmq.NOBLOCK))
+                    self._take(self.pull.recv(zmq.NOBLOCK), pending, aborted)
                 except zmq.Again:
                     break
-            msgs = [m for m in map(self.decoder.decode, batch) if m is not None]
-            aborted = {m.rid for m in msgs if isinstance(m, AbortReq)}
-            for msg in msgs:
-                try:
-                    self.handle(msg, aborted)
-                except Exception:  # noqa: BLE001 - one bad message must never stop the tree
-                    log.exception("dropped a %s that failed", type(msg).__name__)
+            if not pending:
+                continue  # only malformed frames came in
+            msg = pending.popleft()
+            if isinstance(msg, AbortReq):
+                aborted.discard(msg.rid)
+            try:
+                self.handle(msg, aborted)
+            except Exception:  # noqa: BLE001 - one bad message must never stop the tree
+                log.exception("dropped a %s that failed", type(msg).__name__)
+
+    def _take(self, data: bytes, pending: deque[object], aborted: set[str]) -> None:
+        msg = self.decoder.decode(data)
+        if msg is not None:
+            pending.append(msg)
+            if isinstance(msg, AbortReq):
+                aborted.add(msg.rid)
 
     def handle(self, msg: object, aborted: set[str]) -> None:
         service = self.service

@@ -70,6 +70,7 @@ class Stream:
     first_token_at: float | None = None
     last_chunk_at: float | None = None
     itls: list[float] = field(default_factory=list)
+    checked_at: float = 0.0  # time.monotonic() of the last client-disconnect check
 
     async def next(self) -> TextOut:
         item = await self.queue.get()
@@ -77,13 +78,18 @@ class Stream:
         return item
 
     async def next_or_gone(self, request: Request, poll_s: float = 0.5) -> TextOut | None:
-        """The next item, or None once the client has disconnected (checked every poll_s while waiting)."""
+        """The next item, or None once the client has disconnected (checked every poll_s, whether
+        items keep coming or not)."""
         while True:
+            now = time.monotonic()
+            if now - self.checked_at >= poll_s:
+                self.checked_at = now
+                if await request.is_disconnected():
+                    return None
             try:
                 return await asyncio.wait_for(self.next(), timeout=poll_s)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return None
+                pass
 
     def _book(self, item: TextOut) -> None:
         now = time.time()

@@ -235,6 +235,14 @@ class SchedulerCore:
                                                   params=SamplingParams(max_new_tokens=1), warmup=True)))
         return out
 
+    def drop_warmups(self) -> int:
+        """Forget the warm-ups still waiting (flush_cache); a piece in flight finishes on its own."""
+        n = len(self.warm_queue)
+        self.warm_queue.clear()
+        for piece in self.warm_running.values():
+            piece.item.pending_workers.clear()
+        return n
+
     def _warm_piece_done(self, worker_id: int, piece: WarmPiece) -> None:
         del self.warm_running[worker_id]
         piece.item.done[worker_id] = piece.end
