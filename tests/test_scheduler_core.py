@@ -114,10 +114,16 @@ def test_adaptive_max_new_tokens_scales_under_load() -> None:
         assert reqs[0].params.max_new_tokens == 256
 
 
+def accept(c: SchedulerCore, worker: int, *rids: str) -> None:
+    c.on_status(WorkerStatus(worker_id=worker, accepted=list(rids)))
+
+
 def test_worker_death_fails_its_requests_only() -> None:
     c = core("round_robin", 2)
     for i in range(4):
         dispatch_one(c, req(f"r{i}"))
+    accept(c, 0, "r0", "r2")
+    accept(c, 1, "r1", "r3")
     errors = c.on_worker_died(0, -9)
     assert sorted(e.rid for e in errors) == ["r0", "r2"] and all(e.status == 500 for e in errors)
     assert dispatch_one(c, req("r4")) == 1  # the dead worker gets nothing until it is up again
@@ -135,14 +141,87 @@ def test_abort_of_queued_request_returns_final_item() -> None:
     assert len(c.queue) == 0
 
 
+def warm_ids(out: list[tuple[int, TokenizedReq]]) -> list[tuple[int, list[int]]]:
+    assert all(r.warmup for _, r in out)
+    return [(w, r.input_ids) for w, r in out]
+
+
 def test_warmups_go_to_idle_workers_only() -> None:
     c = core("round_robin", 2)
     dispatch_one(c, req("busy"))  # worker 0 busy
     c.queue_warmup([1, 2, 3])
-    assert c.pop_warmups() == [(1, [1, 2, 3])]
+    out = c.pop_warmups()
+    assert warm_ids(out) == [(1, [1, 2, 3])]
+    finish(c, 1, out[0][1].rid)
     finish(c, 0, "busy")
-    assert c.pop_warmups() == [(0, [1, 2, 3])]
+    out = c.pop_warmups()
+    assert warm_ids(out) == [(0, [1, 2, 3])]
+    finish(c, 0, out[0][1].rid)
     assert not c.warm_queue
+
+
+def test_warmups_are_one_chunk_per_worker_at_a_time() -> None:
+    """Twenty long warm-ups must not land on a worker at once: one piece of at most chunk_size new
+    tokens per worker, the next only after the last one finished, none while a request waits."""
+    c = core("round_robin", 1, chunk_size=512)
+    for i in range(20):
+        assert c.queue_warmup([i] * 1200)
+    out = c.pop_warmups()
+    assert warm_ids(out) == [(0, [0] * 512)]
+    assert c.pop_warmups() == []  # the piece is still running
+    finish(c, 0, out[0][1].rid)
+    c.on_request(req("user"), 0.0)
+    assert c.pop_warmups() == []  # a request waits: it goes first
+    c.dispatch()
+    assert c.pop_warmups() == []  # ...and runs: the worker is busy
+    finish(c, 0, "user")
+    out = c.pop_warmups()
+    assert warm_ids(out) == [(0, [0] * 1024)]  # the same prefix, one chunk further
+    finish(c, 0, out[0][1].rid)
+    out = c.pop_warmups()
+    assert warm_ids(out) == [(0, [0] * 1200)]
+    finish(c, 0, out[0][1].rid)
+    assert len(c.warm_queue) == 19
+
+
+def test_warm_queue_is_bounded() -> None:
+    from minisgl.scheduler.core import MAX_WARM_QUEUE
+
+    c = core("round_robin", 1)
+    assert all(c.queue_warmup([i, 1]) for i in range(MAX_WARM_QUEUE))
+    assert c.queue_warmup([0, 1])  # already queued: no new entry
+    assert not c.queue_warmup([999, 1])
+    assert c.drop_warmups() == MAX_WARM_QUEUE and not c.warm_queue
+
+
+def test_requests_the_dead_worker_never_took_in_are_requeued() -> None:
+    """Dispatched in the ~200 ms before the launcher noticed the death: they never ran, so they go to
+    a live worker (or wait for the restart) instead of failing."""
+    c = core("round_robin", 2)
+    for i in range(4):
+        dispatch_one(c, req(f"r{i}"))
+    accept(c, 0, "r0")  # r2 was dispatched to worker 0 but never acknowledged
+    errors = c.on_worker_died(0, -9)
+    assert [e.rid for e in errors] == ["r0"]
+    assert [q.req.rid for q in c.queue] == ["r2"]
+    assert {w: [r.rid for r in reqs] for w, reqs in c.dispatch().items()} == {1: ["r2"]}
+
+
+def test_late_death_notice_does_not_down_the_restarted_worker() -> None:
+    c = SchedulerCore(ServerConfig(), 1)
+    c.on_worker_up(0, pid=100)
+    assert c.on_worker_died(0, -9, pid=100) == []
+    c.on_worker_up(0, pid=200)
+    c.on_worker_died(0, -9, pid=100)  # about the old process
+    assert c.workers[0].up
+
+
+def test_status_from_an_unknown_worker_is_an_error_not_a_crash_elsewhere() -> None:
+    c = core("round_robin", 1)
+    with pytest.raises(ValueError, match="unknown worker"):
+        c.on_status(WorkerStatus(worker_id=7))
+    with pytest.raises(ValueError, match="unknown worker"):
+        c.on_status(WorkerStatus(worker_id=-1))
 
 
 def test_unknown_mode_is_rejected() -> None:
