@@ -1,0 +1,127 @@
+"""The hardening pieces without a server: seed mixing, the restart rule, the access guard's settings,
+config flags and env vars, stale run files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from minisgl.config import ServerConfig, config_from_args
+from minisgl.gateway.security import guard_middleware
+from minisgl.server_handle import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))
+import launch  # noqa: E402
+
+
+def test_seed_mixing_uses_all_64_bits() -> None:
+    import torch
+
+    from minisgl.engine.sampler import Sampler, mix_seed
+
+    s = Sampler(torch.device("cpu"))
+
+    def draws(seed: int) -> list[float]:
+        return torch.empty(8).exponential_(generator=s.request_generator(seed)).tolist()
+
+    assert draws(5) == draws(5)
+    for other in (5 + 2**32, 5 + 2**40, 5 - 2**32, 5 + 2**62):
+        assert draws(5) != draws(other), other
+    assert len({mix_seed(i << 32) for i in range(1000)}) == 1000
+    assert all(0 <= mix_seed(v) < 2**32 for v in (-(2**63), -1, 0, 2**63 - 1))
+
+
+def test_restart_policy_backs_off_then_gives_up() -> None:
+    p = launch.RestartPolicy(max_restarts=4, window_s=60)
+    assert [p.on_death(t) for t in (0, 1, 2, 3)] == [0.0, 0.5, 1.0, 2.0]
+    assert p.on_death(4) is None  # fifth death within the window
+    q = launch.RestartPolicy(max_restarts=2, window_s=10)
+    assert [q.on_death(t) for t in (0, 20, 40, 60)] == [0.0] * 4  # far apart: always the first
+
+
+def app(cfg: ServerConfig) -> TestClient:
+    async def ok(request):  # noqa: ANN001, ANN202
+        return JSONResponse({"ok": True})
+
+    routes = [Route(p, ok, methods=["GET", "POST"]) for p in ("/generate", "/health", "/", "/static/app.js")]
+    return TestClient(Starlette(routes=routes, middleware=guard_middleware(cfg)), base_url="http://127.0.0.1:8000")
+
+
+def test_guard_open_routes_and_key() -> None:
+    c = app(ServerConfig(api_key="k"))
+    assert c.get("/health").status_code == 200
+    assert c.get("/").status_code == 200 and c.get("/static/app.js").status_code == 200
+    assert c.post("/").status_code == 401  # only page fetches are open
+    r = c.post("/generate", json={})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert c.post("/generate", json={}, headers={"Authorization": "bearer k"}).status_code == 200
+    assert app(ServerConfig()).post("/generate", json={}).status_code == 200  # no key configured
+
+
+def test_guard_hosts_and_origins_settings() -> None:
+    c = app(ServerConfig())
+    assert c.get("/health", headers={"Host": "localhost:8000"}).status_code == 200
+    assert c.get("/health", headers={"Host": "127.0.0.1:8001"}).status_code == 403
+    assert c.post("/generate", headers={"Origin": "http://localhost:8000", "Host": "localhost:8000"}).status_code == 200
+    wide = app(ServerConfig(host="0.0.0.0"))
+    assert wide.get("/health", headers={"Host": "my-box.lan:8000"}).status_code == 200
+    assert wide.post("/generate", headers={"Host": "my-box.lan:8000", "Origin": "http://evil.example"}).status_code == 403
+    named = app(ServerConfig(host="0.0.0.0", allowed_hosts=["my-box.lan:8000"]))
+    assert named.get("/health", headers={"Host": "other:8000"}).status_code == 403
+    cors = app(ServerConfig(allowed_origins=["https://ui.example"]))
+    assert cors.post("/generate", headers={"Origin": "https://ui.example"}).status_code == 200
+    pre = cors.options("/generate", headers={"Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
+                                             "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://ui.example"
+    assert app(ServerConfig(allowed_origins=["*"])).post("/generate", headers={"Origin": "http://x.y"}).status_code == 200
+
+
+def test_new_settings_are_flags_and_env_vars(monkeypatch) -> None:  # noqa: ANN001
+    parser = launch.build_parser()
+    monkeypatch.setenv("API_KEY", "from-env")
+    monkeypatch.setenv("ALLOWED_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("MAX_BODY_BYTES", "1000")
+    cfg = config_from_args(parser.parse_args(["--max-prompt-chars", "99", "--drain-grace-s", "2.5"]))
+    assert cfg.api_key == "from-env" and cfg.allowed_origins == ["https://a.example", "https://b.example"]
+    assert (cfg.max_body_bytes, cfg.max_prompt_chars, cfg.drain_grace_s) == (1000, 99, 2.5)
+    assert config_from_args(parser.parse_args(["--api-key", "flag"])).api_key == "flag"
+
+
+def test_stale_run_files_are_cleaned(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from minisgl.control import find_control_endpoint, run_info_path
+
+    monkeypatch.setenv("MINISGL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(launch.tempfile, "gettempdir", lambda: str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale_dir = tmp_path / "minisgl-dead"
+    stale_dir.mkdir()
+    (stale_dir / launch.PID_FILE).write_text(str(dead.pid))
+    orphan_dir = tmp_path / "minisgl-orphan"  # its launcher died before writing a run file
+    orphan_dir.mkdir()
+    (orphan_dir / launch.PID_FILE).write_text(str(dead.pid))
+    live_dir = tmp_path / "minisgl-live"
+    live_dir.mkdir()
+    (live_dir / launch.PID_FILE).write_text(str(os.getpid()))  # alive, but not a launcher
+    foreign = tmp_path / "minisgl-foreign"  # no pid file: not ours to touch
+    foreign.mkdir()
+    info = run_info_path(1234)
+    info.parent.mkdir(parents=True)
+    info.write_text(json.dumps({"pid": dead.pid, "runtime_dir": str(stale_dir), "control_endpoint": "ipc:///x"}))
+    with pytest.raises(FileNotFoundError, match="not running"):
+        find_control_endpoint(1234)
+    assert not info.exists()
+    info.write_text(json.dumps({"pid": dead.pid, "runtime_dir": str(stale_dir), "control_endpoint": "ipc:///x"}))
+    launch.clean_stale()
+    assert not info.exists() and not stale_dir.exists() and not orphan_dir.exists()
+    assert not live_dir.exists()  # a live pid that is no launcher: reused, the dir is stale
+    assert foreign.exists()
