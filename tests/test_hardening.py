@@ -125,3 +125,17 @@ def test_stale_run_files_are_cleaned(tmp_path, monkeypatch) -> None:  # noqa: AN
     assert not info.exists() and not stale_dir.exists() and not orphan_dir.exists()
     assert not live_dir.exists()  # a live pid that is no launcher: reused, the dir is stale
     assert foreign.exists()
+
+
+def test_supervisor_restarts_any_process_then_gives_up(tmp_path) -> None:  # noqa: ANN001
+    sup = launch.Supervisor(ServerConfig(runtime_dir=str(tmp_path)))
+    try:
+        for child in [*sup.children, sup.gateway]:
+            assert sup.on_death(child, -9, 100.0) and child.restart_at == 100.0  # first one: at once
+        tokenizer = next(c for c in sup.children if c.name == "tokenizer")
+        for t in (101.0, 102.0, 103.0, 104.0):
+            assert sup.on_death(tokenizer, -9, t)
+        assert tokenizer.restart_at == 104.0 + 4.0
+        assert not sup.on_death(tokenizer, -9, 105.0)  # sixth death within 60 s: stop the tree
+    finally:
+        sup.ctx.destroy(linger=0)
