@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 
@@ -72,6 +73,16 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     @staticmethod
     def from_env_var() -> "ServerConfig":
         return ServerConfig.from_json(os.environ["MINISGL_CONFIG"])
+
+
+def context_window(cfg: ServerConfig) -> int:
+    """Prompt + completion tokens of one request at most: MAX_MODEL_LEN, else the model's own."""
+    if cfg.max_model_len > 0:
+        return cfg.max_model_len
+    import json
+
+    model_cfg = json.loads((Path(cfg.model_path) / "config.json").read_text())
+    return int(model_cfg.get("max_position_embeddings", 4096))
 
 
 def switched_off(value: str) -> bool:

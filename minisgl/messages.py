@@ -214,6 +214,13 @@ class TokenizeReply(Struct, tag="tokenize_reply", kw_only=True, omit_defaults=Tr
     error: str | None = None
 
 
+class Narration(Struct, tag="narration"):
+    """any process -> gateway, with --narrate: its plain-words log lines, for the dashboard's live feed."""
+
+    source: str  # "worker-0", "scheduler", "tokenizer"
+    lines: list[str]
+
+
 class ProcReady(Struct, tag="ready"):
     name: str  # "gateway", "tokenizer", "scheduler", "worker-0", ...
     pid: int
@@ -254,7 +261,7 @@ class ControlReply(Struct, kw_only=True, omit_defaults=True):
 TokenizerInMsg = GenerateReq | TokenBatch | AbortReq | TokenizeReq
 SchedulerInMsg = TokenizedReq | AbortReq | WorkerStatus | WorkerDied | WorkerUp
 WorkerInMsg = Dispatch | AbortReq | InsertPrefix | FlushCache | Shutdown
-GatewayInMsg = TextBatch | TokenizeReply
+GatewayInMsg = TextBatch | TokenizeReply | Narration
 LauncherInMsg = ProcReady
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 import transformers
@@ -114,3 +115,22 @@ def test_logit_bias_forces_and_bans_tokens(model, ids) -> None:
     assert out.tokens["f"] == [forced] * 4
     assert out.tokens["b"][0] != plain[0]
     assert out.tokens["n"] == plain, "a row without a bias in the same batch is unchanged"
+
+
+def test_n_choices_share_the_prompt_prefix(model, ids) -> None:
+    engine = make_engine(model)
+    for i in range(3):
+        r = request(f"g-{i}", ids, [], max_new_tokens=3, temperature=1.0, seed=i)
+        engine.add_request(msgspec.structs.replace(r, group="g"))
+    out = final_items(engine)
+    cached = sorted(out[f"g-{i}"].cached_tokens for i in range(3))
+    assert cached == [0, len(ids) - 1, len(ids) - 1], "one choice prefills, the others reuse its prompt"
+
+
+def final_items(engine) -> dict:  # noqa: ANN001
+    finals = {}
+    while engine.has_work():
+        for item in engine.step().outputs:
+            if item.finish_reason is not None:
+                finals[item.rid] = item
+    return finals

@@ -102,7 +102,7 @@ class Engine:
             logger.error("ignoring a second request with the live id %r", req.rid)
             return
         r = Req(req.rid, req.input_ids, req.params, eos_token_ids=req.eos_token_ids, warmup=req.warmup,
-                scaled_from=req.max_new_tokens_scaled_from)
+                scaled_from=req.max_new_tokens_scaled_from, group=req.group)
         error = self._validate(r)
         if error is not None:
             if r.warmup:
@@ -228,6 +228,8 @@ class Engine:
             if not queue:
                 return
             r = queue[0]
+            if r.group and any(x.group == r.group and x.pending > 1 for x in self.running):
+                return  # a sibling choice is prefilling the same prompt: next step, share its cached KV
             # leave one prompt token uncached: its logits give the first output token. A prompt to
             # score (echo) must run whole: cached tokens get no logits.
             match_ids = r.all_ids if r.warmup else ([] if r.scores_prompt else r.all_ids[:-1])

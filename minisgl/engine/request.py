@@ -25,11 +25,11 @@ class Status(enum.Enum):
 class Req:
     __slots__ = ("rid", "params", "all_ids", "prompt_len", "max_new_tokens", "stop_ids", "warmup",
                  "scaled_from", "seq", "status", "row", "kv_len", "cached_len", "node",
-                 "cached_tokens", "started", "generator", "report", "prompt_scores", "adjusts")
+                 "cached_tokens", "started", "generator", "report", "prompt_scores", "adjusts", "group")
 
     def __init__(self, rid: str, input_ids: list[int], params: SamplingParams, *,
                  eos_token_ids: list[int] = (), warmup: bool = False, scaled_from: int | None = None,
-                 report: bool = True) -> None:
+                 report: bool = True, group: str = "") -> None:
         self.rid = rid
         self.params = params
         self.all_ids = list(input_ids)
@@ -54,6 +54,7 @@ class Req:
         # echo: log-probs of prompt tokens 1.. as their chunks run (engine/logprobs.py)
         self.prompt_scores: TokenLogprobs | None = None
         # the sampler must change this request's logits (penalties, logit_bias) before picking a token
+        self.group = group  # the n choices of one OpenAI request share it
         self.adjusts = bool(params.presence_penalty or params.frequency_penalty or params.logit_bias)
 
     @property

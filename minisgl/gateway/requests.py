@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from minisgl.config import ServerConfig
+from minisgl.gateway.openai_extras import parse_extras
 from minisgl.messages import ChatMessage, SamplingParams
 
 MAX_STOP_STRINGS = 16
@@ -26,6 +27,9 @@ class ParsedRequest:
     include_usage: bool  # OpenAI stream_options.include_usage
     model: str
     chat_prompt: bool = False
+    n: int = 1  # OpenAI choices, each its own engine request sharing the prompt (openai_extras.py)
+    logprobs: bool = False  # the response carries logprobs
+    echo: bool = False  # completions: the prompt text (and its logprobs) comes first
 
 
 def _is_int(v: Any) -> bool:
@@ -160,12 +164,6 @@ def parse_generate(body: Any, cfg: ServerConfig, known_models: set[str]) -> Pars
                          chat_prompt=not raw)
 
 
-def _openai_common(v: Validator) -> None:
-    n = v.integer("n", 1, 1, 1_000_000)
-    if n != 1:
-        raise RequestError("only n=1 is supported", param="n")
-
-
 def _include_usage(v: Validator) -> bool:
     opts = v.get("stream_options", {})
     if not isinstance(opts, dict):
@@ -176,15 +174,15 @@ def _include_usage(v: Validator) -> bool:
 def parse_completion(body: Any, cfg: ServerConfig, known_models: set[str]) -> ParsedRequest:
     v = Validator(body, cfg)
     model = v.model(known_models)
-    _openai_common(v)
-    params = v.sampling("max_tokens", 1.0)
-    return ParsedRequest(v.prompt(allow_list=True), None, params, v.boolean("stream", False), _include_usage(v), model)
+    params, extras = parse_extras(v, False, v.sampling("max_tokens", 1.0), cfg.backend)
+    return ParsedRequest(v.prompt(allow_list=True), None, params, v.boolean("stream", False), _include_usage(v), model,
+                         n=extras.n, logprobs=extras.logprobs, echo=extras.echo)
 
 
 def parse_chat(body: Any, cfg: ServerConfig, known_models: set[str]) -> ParsedRequest:
     v = Validator(body, cfg)
     model = v.model(known_models)
-    _openai_common(v)
     field = "max_completion_tokens" if v.body.get("max_completion_tokens") is not None else "max_tokens"
-    params = v.sampling(field, 1.0)
-    return ParsedRequest(None, v.messages(), params, v.boolean("stream", False), _include_usage(v), model)
+    params, extras = parse_extras(v, True, v.sampling(field, 1.0), cfg.backend)
+    return ParsedRequest(None, v.messages(), params, v.boolean("stream", False), _include_usage(v), model,
+                         n=extras.n, logprobs=extras.logprobs)

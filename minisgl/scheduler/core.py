@@ -39,6 +39,34 @@ class Counters:
     scaled_max_new_tokens: int = 0
 
 
+class GroupAffinity:
+    """The n choices of one OpenAI request go to the worker that took the first of them, so they share
+    the prompt's KV in its radix cache (while that worker can take them; else the policy picks)."""
+
+    def __init__(self) -> None:
+        self.worker: dict[str, int] = {}  # group -> worker of its live choices
+        self.live: dict[str, int] = {}  # group -> choices dispatched and not finished
+        self.group_of: dict[str, str] = {}  # rid -> group
+
+    def choose(self, req: TokenizedReq, candidates: list[WorkerState]) -> WorkerState | None:
+        wid = self.worker.get(req.group) if req.group else None
+        return next((w for w in candidates if w.worker_id == wid), None)
+
+    def dispatched(self, req: TokenizedReq, worker_id: int) -> None:
+        if req.group:
+            self.worker.setdefault(req.group, worker_id)
+            self.live[req.group] = self.live.get(req.group, 0) + 1
+            self.group_of[req.rid] = req.group
+
+    def finished(self, rid: str) -> None:
+        group = self.group_of.pop(rid, None)
+        if group is None:
+            return
+        self.live[group] -= 1
+        if self.live[group] <= 0:
+            del self.live[group], self.worker[group]
+
+
 @dataclass
 class WarmItem:
     input_ids: list[int]
@@ -54,6 +82,7 @@ class SchedulerCore:
         self.owner: dict[str, int] = {}  # rid -> worker it was dispatched to
         self.warm_queue: deque[WarmItem] = deque()
         self.counters = Counters()
+        self.groups = GroupAffinity()
 
     # ------------------------------------------------------------ admission
 
@@ -103,7 +132,8 @@ class SchedulerCore:
             if not candidates:
                 break
             queued = self.queue.popleft()
-            worker = self.policy.choose(queued.req.input_ids, candidates)
+            worker = self.groups.choose(queued.req, candidates) or self.policy.choose(queued.req.input_ids, candidates)
+            self.groups.dispatched(queued.req, worker.worker_id)
             worker.inflight.add(queued.req.rid)
             worker.dispatched_total += 1
             self.owner[queued.req.rid] = worker.worker_id
@@ -138,6 +168,7 @@ class SchedulerCore:
         worker = self.workers[status.worker_id]
         for rid in worker.apply_status(status):
             self.owner.pop(rid, None)
+            self.groups.finished(rid)
             self.counters.finished += 1
 
     def on_worker_up(self, worker_id: int) -> None:
@@ -149,6 +180,7 @@ class SchedulerCore:
         lost = self.workers[worker_id].mark_down()
         for rid in lost:
             self.owner.pop(rid, None)
+            self.groups.finished(rid)
         self.counters.failed_worker_died += len(lost)
         return [TokenOut(rid=rid, finish_reason=FINISH_ERROR, status=500,
                          error=f"worker {worker_id} died (exit code {exitcode}) while serving this request")
