@@ -18,6 +18,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # model
     model_name: str | None = None
     model_local_dir: str | None = None
+    revision: str | None = None  # of a Hub model (branch, tag or commit)
     model_path: str = ""  # resolved checkpoint directory (filled by launch.py)
     load_format: str = "auto"
     dtype: str = "auto"
@@ -119,6 +120,7 @@ class _Flag:
 FLAGS: dict[str, _Flag] = {
     "--model-name": _Flag("MODEL_NAME", "model_name", str, "model to serve (default: embedded SmolLM2-135M-Instruct)"),
     "--model-local-dir": _Flag("MODEL_LOCAL_DIR", "model_local_dir", str, "local Hugging Face checkpoint directory (wins over --model-name)"),
+    "--revision": _Flag("MODEL_REVISION", "revision", str, "Hub revision of MODEL_NAME: branch, tag or commit (default main)"),
     "--load-format": _Flag("LOAD_FORMAT", "load_format", str, "auto | safetensors | gguf | dummy (random weights from config.json)"),
     "--dtype": _Flag("DTYPE", "dtype", str, "auto | float32 | bfloat16 | float16"),
     "--device": _Flag("DEVICE", "device", str, "auto | cpu | cuda | mps"),
