@@ -181,6 +181,6 @@ def test_dashboard_shows_the_server_live(server, browser) -> None:
     assert len(workers) == 1 and "up" in workers[0].text
     assert wait_for(lambda: "decode step" in d.find_element(By.ID, "feed").text, 20), "the narration feed is live"
     assert d.find_elements(By.CSS_SELECTOR, "#c-tps path.line"), "the throughput chart is drawn"
-    d.set_window_size(1360, 1560)  # the whole page, narration feed included
+    d.set_window_size(1360, 1300)  # the whole page, narration feed included
     time.sleep(1.5)  # one more poll, so the charts include the last second
     screenshot(d, "dashboard.png")

@@ -68,11 +68,12 @@ function showStats(msg, r) {
   box.dataset.finish = r.finish;
   box.appendChild(stat("TTFT", r.ttft == null ? "–" : `${Math.round(r.ttft)} ms`));
   box.appendChild(stat("speed", r.tps == null ? "–" : `${r.tps.toFixed(1)} tok/s`));
-  box.appendChild(stat("prompt", r.prompt ?? "–"));
-  box.appendChild(stat("cached", r.cached ?? "–", "cached"));
+  // a stopped reply never got the final usage chunk: show only what the page itself counted
+  if (r.prompt != null) box.appendChild(stat("prompt", r.prompt));
+  if (r.cached != null) box.appendChild(stat("cached", r.cached, "cached"));
   box.appendChild(stat("completion", r.completion ?? "–"));
   box.appendChild(stat("finish", r.finish, r.finish === "stopped" ? "stopped" : ""));
-  box.appendChild(stat("worker", r.worker ?? "–"));
+  if (r.worker != null) box.appendChild(stat("worker", r.worker));
   msg.appendChild(box);
 }
 
