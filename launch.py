@@ -219,13 +219,16 @@ def resolve_config(cfg: ServerConfig) -> ServerConfig:
     """Fill in what depends on this machine: model directory, backend, worker count, runtime dir."""
     from minisgl.backends.base import default_backend_name
     from minisgl.models.fetch import resolve_model_dir
+    from minisgl.models.registry import supported_architectures
     from minisgl.scheduler.policy import make_policy
 
     make_policy(cfg.scheduler_mode)  # fail fast on a bad mode
-    model_dir = resolve_model_dir(cfg.model_name, cfg.model_local_dir)
     backend = default_backend_name() if cfg.backend in ("", "auto") else cfg.backend
     if backend not in ("torch", "sgl", "mlx", "hf"):
         raise ValueError(f"unknown BACKEND_IMPL {backend!r}; choose auto, torch, sgl, mlx or hf")
+    # our engine's architectures; hf and mlx run whatever transformers / mlx-lm can
+    supported = None if backend in ("hf", "mlx") else supported_architectures()
+    model_dir = resolve_model_dir(cfg.model_name, cfg.model_local_dir, cfg.revision, supported)
     workers = cfg.workers
     if cfg.enable_multi_device:
         import torch

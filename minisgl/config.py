@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 
@@ -17,6 +18,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # model
     model_name: str | None = None
     model_local_dir: str | None = None
+    revision: str | None = None  # of a Hub model (branch, tag or commit)
     model_path: str = ""  # resolved checkpoint directory (filled by launch.py)
     load_format: str = "auto"
     dtype: str = "auto"
@@ -80,6 +82,16 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
         return ServerConfig.from_json(os.environ["MINISGL_CONFIG"])
 
 
+def context_window(cfg: ServerConfig) -> int:
+    """Prompt + completion tokens of one request at most: MAX_MODEL_LEN, else the model's own."""
+    if cfg.max_model_len > 0:
+        return cfg.max_model_len
+    import json
+
+    model_cfg = json.loads((Path(cfg.model_path) / "config.json").read_text())
+    return int(model_cfg.get("max_position_embeddings", 4096))
+
+
 def switched_off(value: str) -> bool:
     """A setting that defaults to on (a backend option, MINISGL_CPU_KERNELS) set to 0/false/no/off."""
     return value.strip().lower() in ("0", "false", "no", "off")
@@ -115,6 +127,7 @@ class _Flag:
 FLAGS: dict[str, _Flag] = {
     "--model-name": _Flag("MODEL_NAME", "model_name", str, "model to serve (default: embedded SmolLM2-135M-Instruct)"),
     "--model-local-dir": _Flag("MODEL_LOCAL_DIR", "model_local_dir", str, "local Hugging Face checkpoint directory (wins over --model-name)"),
+    "--revision": _Flag("MODEL_REVISION", "revision", str, "Hub revision of MODEL_NAME: branch, tag or commit (default main)"),
     "--load-format": _Flag("LOAD_FORMAT", "load_format", str, "auto | safetensors | gguf | dummy (random weights from config.json)"),
     "--dtype": _Flag("DTYPE", "dtype", str, "auto | float32 | bfloat16 | float16"),
     "--device": _Flag("DEVICE", "device", str, "auto | cpu | cuda | mps"),

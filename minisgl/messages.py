@@ -30,6 +30,14 @@ class SamplingParams(Struct, frozen=True, kw_only=True):
     stop: list[str] = []  # stop strings, handled by the tokenizer process
     stop_token_ids: list[int] = []  # extra stop ids; the model's eos ids are added by the tokenizer
     ignore_eos: bool = False
+    # log-probabilities (OpenAI logprobs / top_logprobs; echo on completions). None: not computed, so
+    # a step without such a request pays nothing. N: the chosen token's plus the N most likely.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    # OpenAI penalties over the generated tokens, and additive biases by token id (sampler.py)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = {}
 
 
 class ChatMessage(Struct, frozen=True):
@@ -48,6 +56,7 @@ class Usage(Struct, frozen=True):
 
 class GenerateReq(Struct, tag="generate", kw_only=True):
     rid: str
+    group: str = ""  # the n choices of one OpenAI request share it (and a worker, and the prompt's KV)
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     params: SamplingParams
@@ -69,6 +78,7 @@ class TokenizedReq(Struct, tag="tokenized", kw_only=True):
     max_new_tokens_scaled_from: int | None = None
     # low-priority warm-up request: prefill only, keep the prefix cached, emit nothing
     warmup: bool = False
+    group: str = ""  # see GenerateReq.group
 
 
 class AbortReq(Struct, tag="abort"):
@@ -103,6 +113,14 @@ class Shutdown(Struct, tag="shutdown"):
 # ---------------------------------------------------------------- worker -> tokenizer
 
 
+class TokenLogprobs(Struct, kw_only=True, omit_defaults=True):
+    """Log-probabilities of consecutive tokens, one entry each; top_* only when alternatives were asked."""
+
+    logprobs: list[float]
+    top_ids: list[list[int]] = []
+    top_logprobs: list[list[float]] = []
+
+
 class TokenOut(Struct, kw_only=True, omit_defaults=True):
     """New token ids of one request in one engine step; finish_reason set on its last item."""
 
@@ -115,6 +133,8 @@ class TokenOut(Struct, kw_only=True, omit_defaults=True):
     error: str | None = None
     status: int = 200  # HTTP status the gateway answers with when this is the first item
     max_new_tokens_scaled_from: int | None = None
+    logprobs: TokenLogprobs | None = None  # of token_ids, when the request asked
+    prompt_logprobs: TokenLogprobs | None = None  # of prompt tokens 1.., on the first item (echo)
 
 
 class TokenBatch(Struct, tag="tokens"):
@@ -123,6 +143,19 @@ class TokenBatch(Struct, tag="tokens"):
 
 
 # ---------------------------------------------------------------- tokenizer -> gateway
+
+
+class TopLogprob(Struct, array_like=True):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(Struct, kw_only=True, omit_defaults=True):
+    """One token as OpenAI's logprobs show it (text of the token alone, its log-probability)."""
+
+    token: str
+    logprob: float | None  # None for the first prompt token (nothing predicts it)
+    top: list[TopLogprob] = []
 
 
 class TextOut(Struct, kw_only=True, omit_defaults=True):
@@ -134,6 +167,8 @@ class TextOut(Struct, kw_only=True, omit_defaults=True):
     status: int = 200
     max_new_tokens_scaled_from: int | None = None
     worker_id: int = -1  # on the last item: which worker served the request (-1: none)
+    logprobs: list[TokenLogprob] = []  # of the tokens behind this item's text
+    prompt_logprobs: list[TokenLogprob] = []  # echo: every prompt token, on the first item
 
 
 class TextBatch(Struct, tag="text"):
@@ -163,6 +198,32 @@ class WorkerStatus(Struct, tag="worker_status", kw_only=True, omit_defaults=True
 
 
 # ---------------------------------------------------------------- any process -> launcher / scheduler
+
+
+class TokenizeReq(Struct, tag="tokenize", kw_only=True):
+    """gateway -> tokenizer: /tokenize (text or chat messages -> ids) and /detokenize (ids -> text)."""
+
+    rid: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    token_ids: list[int] | None = None  # set: detokenize these
+
+
+class TokenizeReply(Struct, tag="tokenize_reply", kw_only=True, omit_defaults=True):
+    rid: str
+    token_ids: list[int] = []
+    token_strs: list[str] = []
+    text: str = ""
+    error: str | None = None
+
+
+class Narration(Struct, tag="narration"):
+    """any process -> gateway, with --narrate: its plain-words log lines, for the dashboard's live feed."""
+
+    source: str  # "worker-0", "scheduler", "tokenizer"
+    lines: list[str]
 
 
 class ProcReady(Struct, tag="ready"):
@@ -212,10 +273,10 @@ class ControlReply(Struct, kw_only=True, omit_defaults=True):
 
 # ---------------------------------------------------------------- one union per receiving socket
 
-TokenizerInMsg = GenerateReq | TokenBatch | AbortReq | PeerRestarted
+TokenizerInMsg = GenerateReq | TokenBatch | AbortReq | PeerRestarted | TokenizeReq
 SchedulerInMsg = TokenizedReq | AbortReq | WorkerStatus | WorkerDied | WorkerUp
 WorkerInMsg = Dispatch | AbortReq | InsertPrefix | FlushCache | Shutdown | PeerRestarted
-GatewayInMsg = TextBatch | PeerRestarted
+GatewayInMsg = TextBatch | PeerRestarted | TokenizeReply | Narration
 LauncherInMsg = ProcReady
 
 

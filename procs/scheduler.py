@@ -20,6 +20,7 @@ import zmq
 
 
 from minisgl import ipc
+from minisgl.narration import relay_to_gateway
 from minisgl.config import ServerConfig
 from minisgl.messages import (
     AbortReq,
@@ -252,6 +253,7 @@ class SchedulerProcess:
 
 def main() -> None:
     cfg = ipc.become_child("scheduler")
+    relay_to_gateway(cfg, "scheduler")
     SchedulerProcess(cfg).run()
 
 

@@ -24,7 +24,8 @@ import zmq
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from minisgl import ipc
-from minisgl.config import ServerConfig
+from minisgl.narration import relay_to_gateway
+from minisgl.config import ServerConfig, context_window
 from minisgl.detokenize import RequestDetokenizer
 from minisgl.messages import (
     FINISH_ERROR,
@@ -37,8 +38,13 @@ from minisgl.messages import (
     TextOut,
     TokenBatch,
     TokenizedReq,
+    TokenizeReply,
+    TokenizeReq,
     TokenizerInMsg,
+    TokenLogprob,
+    TokenLogprobs,
     TokenOut,
+    TopLogprob,
     Usage,
 )
 
@@ -49,11 +55,12 @@ class InputError(ValueError):
     """The request cannot be served as given (HTTP 400)."""
 
 
-def context_window(cfg: ServerConfig) -> int:
-    if cfg.max_model_len > 0:
-        return cfg.max_model_len
-    model_cfg = json.loads((Path(cfg.model_path) / "config.json").read_text())
-    return int(model_cfg.get("max_position_embeddings", 4096))
+def model_vocab_size(model_path: str, fallback: int) -> int:
+    """The model's vocabulary (its logits' width), which may be larger than the tokenizer's."""
+    try:
+        return int(json.loads((Path(model_path) / "config.json").read_text()).get("vocab_size") or fallback)
+    except (OSError, ValueError):
+        return fallback
 
 
 def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model_path: str) -> list[int]:
@@ -75,6 +82,7 @@ class ReqState:
     finished: bool = False  # already told the gateway "done"; waiting for the worker's last item
     generated: int = 0  # tokens seen so far (usage when a stop string ends the request early)
     cached: int = 0  # prompt tokens the worker found in its prefix cache, once it said so
+    prompt_ids: list[int] | None = None  # kept only for echo with logprobs
 
 
 class TokenizerService:
@@ -84,12 +92,15 @@ class TokenizerService:
         self.fast = tokenizer.backend_tokenizer  # the Rust tokenizer, for DecodeStream
         self.eos_ids = eos_token_ids(tokenizer, cfg.model_path)
         self.context = context_window(cfg)
+        self.vocab_size = model_vocab_size(cfg.model_path, len(tokenizer))
         self.states: dict[str, ReqState] = {}
+        self._token_text: dict[int, str] = {}  # id -> its text alone, for logprobs
 
     # ------------------------------------------------------------ requests in
 
-    def encode(self, req: GenerateReq) -> list[int]:
-        if req.chat_prompt and req.prompt and self.tokenizer.chat_template is not None:
+    def encode(self, req: GenerateReq | TokenizeReq, add_special_tokens: bool = True,
+               add_generation_prompt: bool = True) -> list[int]:
+        if getattr(req, "chat_prompt", False) and req.prompt and req.prompt and self.tokenizer.chat_template is not None:
             req = msgspec.structs.replace(req, prompt=None, messages=[ChatMessage("user", req.prompt)])
         if req.messages is not None:
             if not req.messages:
@@ -98,14 +109,59 @@ class TokenizerService:
                 raise InputError("this model has no chat template; send 'prompt' instead of 'messages'")
             ids = self.tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in req.messages],
-                add_generation_prompt=True, tokenize=True, return_dict=False,
+                add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False,
             )
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return list(ids)
         if not req.prompt:
             raise InputError("'prompt' must be a non-empty string")
-        return self.tokenizer(req.prompt).input_ids
+        return self.tokenizer(req.prompt, add_special_tokens=add_special_tokens).input_ids
+
+    def on_tokenize(self, req: TokenizeReq) -> TokenizeReply:
+        """/tokenize and /detokenize (vLLM's and SGLang's endpoints)."""
+        try:
+            if req.token_ids is not None:
+                bad = [t for t in req.token_ids if not 0 <= t < self.vocab_size]
+                if bad:
+                    raise InputError(f"'tokens' holds ids outside the vocabulary (size {self.vocab_size}): {bad[:5]}")
+                return TokenizeReply(rid=req.rid, text=self.tokenizer.decode(req.token_ids))
+            ids = self.encode(req, req.add_special_tokens, req.add_generation_prompt)
+        except InputError as e:
+            return TokenizeReply(rid=req.rid, error=str(e))
+        return TokenizeReply(rid=req.rid, token_ids=ids, token_strs=self.tokenizer.convert_ids_to_tokens(ids))
+
+    def token_text(self, ids: list[int]) -> list[str]:
+        """Each id's text on its own (what OpenAI's logprobs show as `token`), memoised."""
+        out = []
+        for i in ids:
+            text = self._token_text.get(i)
+            if text is None:
+                text = self._token_text[i] = self.tokenizer.decode([i])
+            out.append(text)
+        return out
+
+    def logprob_entries(self, ids: list[int], scores: TokenLogprobs) -> list[TokenLogprob]:
+        texts = self.token_text(ids)
+        entries = []
+        for j, (text, lp) in enumerate(zip(texts, scores.logprobs)):
+            top = []
+            if scores.top_ids:
+                top = [TopLogprob(t, v) for t, v in zip(self.token_text(scores.top_ids[j]), scores.top_logprobs[j])]
+            entries.append(TokenLogprob(token=text, logprob=lp, top=top))
+        return entries
+
+    def prompt_entries(self, prompt_ids: list[int], scores: TokenLogprobs | None) -> list[TokenLogprob]:
+        """Echo: every prompt token; the first has no log-probability (nothing predicts it)."""
+        first = TokenLogprob(token=self.token_text(prompt_ids[:1])[0], logprob=None)
+        if scores is None:
+            return [first]
+        return [first] + self.logprob_entries(prompt_ids[1:], scores)
+
+    def check_logit_bias(self, params) -> None:  # noqa: ANN001 - SamplingParams
+        bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InputError(f"'logit_bias' names token ids outside the vocabulary (size {self.vocab_size}): {bad[:5]}")
 
     def on_generate(self, req: GenerateReq) -> tuple[TokenizedReq | None, TextOut | None]:
         try:
@@ -114,6 +170,7 @@ class TokenizerService:
                 raise InputError("the prompt tokenized to zero tokens")
             if len(ids) >= self.context:
                 raise InputError(f"prompt is {len(ids)} tokens; the context window is {self.context} tokens")
+            self.check_logit_bias(req.params)
         except InputError as e:
             return None, TextOut(rid=req.rid, finish_reason=FINISH_ERROR, error=str(e), status=400)
         except Exception as e:  # noqa: BLE001 - e.g. a chat template that raises on these messages
@@ -124,9 +181,10 @@ class TokenizerService:
         room = self.context - len(ids)
         if params.max_new_tokens > room:  # finish with "length" at the window's edge, as vLLM/SGLang do
             params = msgspec.structs.replace(params, max_new_tokens=room)
-        self.states[req.rid] = ReqState(RequestDetokenizer(self.fast, list(params.stop)), len(ids))
+        self.states[req.rid] = ReqState(RequestDetokenizer(self.fast, list(params.stop)), len(ids),
+                                        prompt_ids=ids if params.prompt_logprobs is not None else None)
         return TokenizedReq(rid=req.rid, input_ids=ids, params=params, arrival=req.arrival,
-                            eos_token_ids=self.eos_ids), None
+                            eos_token_ids=self.eos_ids, group=req.group), None
 
     # ------------------------------------------------------------ tokens out
 
@@ -147,6 +205,7 @@ class TokenizerService:
                 continue
             state.generated += len(item.token_ids)
             state.cached = item.cached_tokens or state.cached
+            emitted = len(out)
             res = state.detok.feed(item.token_ids)
             text = res.text
             if res.stopped:
@@ -164,7 +223,21 @@ class TokenizerService:
                                    max_new_tokens_scaled_from=item.max_new_tokens_scaled_from))
             elif text:
                 out.append(TextOut(rid=item.rid, text=text))
+            self._attach_logprobs(state, item, out, emitted)
         return out, aborts
+
+    def _attach_logprobs(self, state: ReqState, item: TokenOut, out: list[TextOut], emitted: int) -> None:
+        """Logprobs ride on the item's text (or on an empty item when the text is held back)."""
+        lps = self.logprob_entries(item.token_ids, item.logprobs) if item.logprobs is not None else []
+        prompt = []
+        if state.prompt_ids is not None:
+            prompt = self.prompt_entries(state.prompt_ids, item.prompt_logprobs)
+            state.prompt_ids = None
+        if not lps and not prompt:
+            return
+        if len(out) == emitted:
+            out.append(TextOut(rid=item.rid))
+        out[-1].logprobs, out[-1].prompt_logprobs = lps, prompt
 
     @staticmethod
     def _usage(state: ReqState, item: TokenOut) -> Usage:
@@ -254,6 +327,8 @@ class TokenizerLoop:
         elif isinstance(msg, AbortReq):
             service.on_abort(msg.rid)
             ipc.send(self.to_scheduler, msg)  # harmless when the request never got that far
+        elif isinstance(msg, TokenizeReq):
+            ipc.send(self.to_gateway, service.on_tokenize(msg))
         elif isinstance(msg, PeerRestarted):
             rids = service.drop_all()
             for rid in rids:  # whatever still runs for them runs for nobody
@@ -268,6 +343,7 @@ class TokenizerLoop:
 
 def main() -> None:
     cfg = ipc.become_child("tokenizer")
+    relay_to_gateway(cfg, "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
     TokenizerLoop(cfg, TokenizerService(cfg, tokenizer)).run()
 

@@ -15,6 +15,7 @@ import time
 import zmq
 
 from minisgl import ipc
+from minisgl.narration import relay_to_gateway
 from minisgl.backends.base import Backend, BackendConfig, StepOutput, create_backend
 from minisgl.config import ServerConfig
 from minisgl.messages import (
@@ -174,6 +175,7 @@ def main() -> None:
     parser.add_argument("--worker-id", type=int, required=True)
     args = parser.parse_args()
     cfg = ipc.become_child(f"worker-{args.worker_id}")
+    relay_to_gateway(cfg, f"worker-{args.worker_id}")
     device = pick_device(cfg, args.worker_id)
     if device == "cpu":
         import torch

@@ -108,11 +108,20 @@ def test_model_name_found_in_cache(tmp_cache: Path) -> None:
     assert resolve_model_dir("Qwen3-0.6B", None) == cached
 
 
-def test_unknown_model_name_is_a_clear_error(tmp_cache: Path) -> None:
+def test_unknown_model_name_is_a_clear_error(tmp_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ModelFetchError) as err:
+        resolve_model_dir("not/a/repo-id", None)
+    msg = str(err.value)
+    assert "MODEL_LOCAL_DIR" in msg and "Hugging Face Hub" in msg and "not/a/repo-id" in msg
+    # a repo id, offline and not cached: says how to point at a local folder (tests/test_hub.py downloads)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     with pytest.raises(ModelFetchError) as err:
         resolve_model_dir("meta-llama/Llama-3.1-8B-Instruct", None)
     msg = str(err.value)
-    assert "MODEL_LOCAL_DIR" in msg and "Hugging Face Hub" in msg and "Llama-3.1-8B" in msg
+    assert "MODEL_LOCAL_DIR" in msg and "HF_HUB_OFFLINE" in msg and "Llama-3.1-8B" in msg
 
 
 # ---------------------------------------------------------------------------- ensure_default_model

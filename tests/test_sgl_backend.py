@@ -237,3 +237,56 @@ def test_graph_decode_path_matches_torch_engine(tmp_path) -> None:
     assert [len(got[str(i)]) for i in range(6)] == list(max_new)
     assert (4, 3) in RerunGraphs.replays and (1, 1) in RerunGraphs.replays  # padded and exact replays
     assert all(sgl.step_kinds.values()), sgl.step_kinds  # decode-only, mixed (split) and eager steps
+
+
+@needs_triton
+def test_sgl_engine_logprobs_echo_and_penalties_match_torch_engine(tmp_path) -> None:
+    """The sgl step lays out its own batch: echo rows, sampled-token logprobs, penalties and logit_bias
+    come out as in the torch engine, through chunked prompts and preemption (a tiny pool)."""
+    transformers = pytest.importorskip("transformers")
+    from minisgl.backends.sgl import SGLEngine
+    from minisgl.engine.engine import Engine, EngineConfig
+    from minisgl.messages import SamplingParams, TokenizedReq
+    from minisgl.models import load_model
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(**TINY_QWEN3)
+    cfg.architectures = ["Qwen3ForCausalLM"]
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    model = load_model(tmp_path, device=DEVICE, dtype=torch.float32)
+    mc = model.config
+    ecfg = EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+                        kv_tokens=90, max_context_len=64, max_running=4, chunk_size=16)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (3, 17, 40, 9)]
+    params = [SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=2),
+              SamplingParams(max_new_tokens=8, ignore_eos=True, prompt_logprobs=1, logprobs=0),
+              SamplingParams(max_new_tokens=8, ignore_eos=True, prompt_logprobs=0),
+              SamplingParams(max_new_tokens=8, ignore_eos=True, frequency_penalty=1.0, logit_bias={5: 3.0})]
+
+    def run(engine) -> dict[str, dict]:
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            engine.add_request(TokenizedReq(rid=str(i), input_ids=p, arrival=0.0, params=sp))
+        out: dict[str, dict] = {}
+        while engine.has_work():
+            for item in engine.step().outputs:
+                o = out.setdefault(item.rid, {"tokens": [], "lp": [], "top": [], "prompt": None})
+                o["tokens"] += item.token_ids
+                if item.logprobs is not None:
+                    o["lp"] += item.logprobs.logprobs
+                    o["top"] += item.logprobs.top_ids
+                if item.prompt_logprobs is not None:
+                    assert o["prompt"] is None, "prompt scores come once"
+                    o["prompt"] = item.prompt_logprobs
+        return out
+
+    want = run(Engine(model, ecfg, torch.device(DEVICE), torch.float32))
+    got = run(SGLEngine(model, ecfg, torch.device(DEVICE), torch.float32, cuda_graph_max_bs=0, warm_kernels=False))
+    for rid in want:
+        assert got[rid]["tokens"] == want[rid]["tokens"], rid
+        assert got[rid]["lp"] == pytest.approx(want[rid]["lp"], abs=1e-4)
+        assert got[rid]["top"] == want[rid]["top"]
+    assert len(want["0"]["lp"]) == 8 and all(len(t) == 2 for t in want["0"]["top"])
+    for rid, n in (("1", 17), ("2", 40)):
+        w, g = want[rid]["prompt"], got[rid]["prompt"]
+        assert len(w.logprobs) == n - 1 and g.logprobs == pytest.approx(w.logprobs, abs=1e-4)

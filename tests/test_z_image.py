@@ -414,3 +414,26 @@ def test_offline_without_model_subprocess(tmp_path: Path) -> None:
     assert "--model-dir" in proc.stderr and z_image.MODEL_DIR_ENV in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_fetch_model_downloads_a_revision_from_the_hub(tmp_path: Path) -> None:
+    """Through a local stand-in for the Hub (tests/fake_hub.py): --revision picks the commit."""
+    from tests.fake_hub import FakeHub
+
+    src = tmp_path / "src"
+    (src / "scheduler").mkdir(parents=True)
+    (src / "model_index.json").write_text('{"_class_name": "ZImagePipeline"}')
+    (src / "scheduler" / "scheduler_config.json").write_text("{}")
+    hub = FakeHub(18313)
+    repo = hub.add("Org/Tiny-Image", src)
+    hub.start()
+    try:
+        got = z_image.fetch_model("Org/Tiny-Image", root=tmp_path / "ours", endpoint=hub.url, revision=repo.sha,
+                                  hf_cache_dir=tmp_path / "empty-hf")
+        assert got == tmp_path / "ours" / f"org--tiny-image@{repo.sha}"
+        assert (got / "scheduler" / "scheduler_config.json").is_file()
+        with pytest.raises(ZImageError, match="--model-dir"):
+            z_image.fetch_model("Org/Tiny-Image", root=tmp_path / "ours", endpoint=hub.url, revision="no-such-branch",
+                                hf_cache_dir=tmp_path / "empty-hf")
+    finally:
+        hub.stop()

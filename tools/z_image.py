@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (first image slower)")
     parser.add_argument("--cpu-offload", action="store_true", help="model CPU offload to save VRAM (CUDA only)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face repo id to download")
+    parser.add_argument("--revision", default=None,
+                        help="Hub revision of --model: branch, tag or commit (default main; HF_TOKEN, HF_ENDPOINT "
+                             "and HF_HUB_OFFLINE apply as in huggingface_hub)")
     parser.add_argument(
         "--model-dir",
         default=None,
@@ -351,12 +354,12 @@ def check_model_dir(path: Path) -> Path:
     return path
 
 
-def _hf_cache_snapshot(repo_id: str, hf_cache_dir: Path | None) -> Path | None:
+def _hf_cache_snapshot(repo_id: str, hf_cache_dir: Path | None, revision: str | None = None) -> Path | None:
     """A copy already in the standard Hugging Face cache (e.g. from running diffusers), if any."""
     from huggingface_hub import snapshot_download
 
     try:
-        path = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hf_cache_dir))
+        path = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hf_cache_dir, revision=revision))
     except Exception:  # not cached, or cached partially
         return None
     return path if (path / "model_index.json").is_file() else None
@@ -367,6 +370,7 @@ def fetch_model(
     root: Path | None = None,
     endpoint: str | None = None,
     hf_cache_dir: Path | None = None,
+    revision: str | None = None,
 ) -> Path:
     """Local folder of ``repo_id``: reuse a finished download, else snapshot_download it.
 
@@ -374,19 +378,21 @@ def fetch_model(
     $HF_HOME/hub) is used as a fallback; otherwise the error says how to pass a local copy.
     """
     target = model_cache_dir(repo_id, root)
+    if revision:
+        target = target.with_name(f"{target.name}@{revision}")
     if (target / COMPLETE_MARKER).is_file() and (target / "model_index.json").is_file():
         return target
     from huggingface_hub import HfApi, snapshot_download
 
     try:
         # Probe first: offline, snapshot_download would silently hand back a partial folder.
-        HfApi(endpoint=endpoint).repo_info(repo_id)
+        HfApi(endpoint=endpoint).repo_info(repo_id, revision=revision)
         print(f"Downloading {repo_id} to {target} (resumable; first run only)...", file=sys.stderr)
-        path = Path(snapshot_download(repo_id, local_dir=target, endpoint=endpoint))
+        path = Path(snapshot_download(repo_id, local_dir=target, endpoint=endpoint, revision=revision))
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # any hub / connection / auth error means "not reachable"
-        cached = _hf_cache_snapshot(repo_id, hf_cache_dir)
+        cached = _hf_cache_snapshot(repo_id, hf_cache_dir, revision)
         if cached is not None:
             print(f"note: the Hub is unreachable; using {repo_id} from the Hugging Face cache", file=sys.stderr)
             return cached
@@ -398,12 +404,12 @@ def fetch_model(
     return check_model_dir(path)
 
 
-def resolve_model_path(model: str, model_dir: str | None) -> Path:
-    """--model-dir, then $Z_IMAGE_MODEL_DIR, then the cached/downloaded --model."""
+def resolve_model_path(model: str, model_dir: str | None, revision: str | None = None) -> Path:
+    """--model-dir, then $Z_IMAGE_MODEL_DIR, then the cached/downloaded --model (at --revision)."""
     local = model_dir or os.environ.get(MODEL_DIR_ENV)
     if local:
         return check_model_dir(Path(local))
-    return fetch_model(model)
+    return fetch_model(model, revision=revision)
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -559,7 +565,7 @@ def _run(args: argparse.Namespace) -> int:
     check_attention_backend(args.attention_backend, device)
     seeds = image_seeds(args.seed, args.num_images)
     paths = output_paths(args.output, args.outdir, args.prompt, seeds)  # fail on a bad -o before loading
-    model_path = resolve_model_path(args.model, args.model_dir)
+    model_path = resolve_model_path(args.model, args.model_dir, args.revision)
 
     print(f"Loading {model_path} on {device} ({dtype_name(dtype)})...", file=sys.stderr)
     t0 = time.perf_counter()

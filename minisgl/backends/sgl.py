@@ -165,6 +165,7 @@ class SGLEngine(Engine):
         rows = [r.row for r in decode]
         positions = list(pos)
         logits_idx = list(range(b))
+        prompt_idx: list[int] = []  # echo rows, after every sampled row (Engine._run splits them off)
         sample_reqs = list(decode)
         write = [decode_slots] if b else []
         specs = []
@@ -176,10 +177,13 @@ class SGLEngine(Engine):
             self.table[r.row, k0:k0 + c.n] = c.slots
             write.append(c.slots)
             specs.append((start, c.n, r.row, k0))
+            if r.scores_prompt:
+                prompt_idx += self._prompt_rows_of(r, start, k0, c.n)
             start += c.n
             if k0 + c.n == len(r.all_ids) and not r.warmup:  # prompt complete: sample from its last token
                 logits_idx.append(start - 1)
                 sample_reqs.append(r)
+        logits_idx += prompt_idx
         total, eb = start, _even(b)
         # [rows | seq lens | ids | positions | logits indices]; rows and lens 16-byte aligned
         host = torch.tensor(rows + [0] * (eb - b) + [p + 1 for p in pos] + [0] * (eb - b) + ids + positions

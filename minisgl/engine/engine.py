@@ -37,6 +37,7 @@ from minisgl.backends.base import BackendStats, StepOutput
 from minisgl.cache.kv_cache import KVCache
 from minisgl.cache.kv_pool import KVPool
 from minisgl.engine.attention import PagedAttention, PrefillSegment, prefix_causal_mask
+from minisgl.engine.logprobs import PromptRows, extend, prompt_logprobs, sampled_logprobs
 from minisgl.engine.request import Req, Status
 from minisgl.engine.sampler import Sampler
 from minisgl.messages import (FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, SamplingParams,
@@ -92,6 +93,7 @@ class Engine:
         self.cached_tokens_total = 0
         self.prompt_tokens_total = 0
         self.preemptions = 0
+        self._prompt_rows: list[PromptRows] = []  # this step's echo rows, after the sampled rows
 
     # ------------------------------------------------------------------ intake
 
@@ -100,7 +102,7 @@ class Engine:
             logger.error("ignoring a second request with the live id %r", req.rid)
             return
         r = Req(req.rid, req.input_ids, req.params, eos_token_ids=req.eos_token_ids, warmup=req.warmup,
-                scaled_from=req.max_new_tokens_scaled_from)
+                scaled_from=req.max_new_tokens_scaled_from, group=req.group)
         error = self._validate(r)
         if error is not None:
             if r.warmup:
@@ -226,8 +228,11 @@ class Engine:
             if not queue:
                 return
             r = queue[0]
-            # leave one prompt token uncached: its logits give the first output token
-            match_ids = r.all_ids if r.warmup else r.all_ids[:-1]
+            if r.group and any(x.group == r.group and x.pending > 1 for x in self.running):
+                return  # a sibling choice is prefilling the same prompt: next step, share its cached KV
+            # leave one prompt token uncached: its logits give the first output token. A prompt to
+            # score (echo) must run whole: cached tokens get no logits.
+            match_ids = r.all_ids if r.warmup else ([] if r.scores_prompt else r.all_ids[:-1])
             length, node, cached_slots = self.kv.match(match_ids)
             # keep one slot per running request free for its next decode token
             headroom = len(self.running) + 1 if self.running else 0
@@ -272,17 +277,28 @@ class Engine:
     def _run(self, decode: list[Req], decode_slots: torch.Tensor | None, chunks: list[_Chunk],
              out: StepOutput) -> None:
         t0 = time.perf_counter() if self.config.narrate else 0.0
+        self._prompt_rows = []
         ids, positions, ctx, sample_reqs = self._build_batch(decode, decode_slots, chunks)
         logits = self.model(ids, positions, ctx)
         for r in decode:
             r.kv_len += 1
         for c in chunks:
             c.req.kv_len += c.n
+        if self._prompt_rows:  # echo rows come after the sampled ones
+            self._score_prompts(logits[len(sample_reqs):])
+            logits = logits[:len(sample_reqs)]
         tokens = self.sampler.sample(logits, sample_reqs) if sample_reqs else []
         if self.config.narrate:
             self._narrate(decode, chunks, time.perf_counter() - t0)
-        for r, tok in zip(sample_reqs, tokens):
-            self._append_token(r, tok, out)
+        lp_rows = [i for i, r in enumerate(sample_reqs) if r.params.logprobs is not None]
+        scores = sampled_logprobs(logits[lp_rows], [tokens[i] for i in lp_rows],
+                                  [sample_reqs[i].params.logprobs or 0 for i in lp_rows]) if lp_rows else []
+        items = [self._append_token(r, tok, out) for r, tok in zip(sample_reqs, tokens)]
+        for i, score in zip(lp_rows, scores):
+            items[i].logprobs = score
+        for r, item in zip(sample_reqs, items):
+            if r.prompt_scores is not None and r.num_output == 1:  # echo: the first item carries them
+                item.prompt_logprobs = r.prompt_scores
         for c in chunks:
             r = c.req
             if r.status is not Status.RUNNING:
@@ -291,6 +307,25 @@ class Engine:
                 self._finish_warmup(r)
             else:  # cache the prompt computed so far, so requests arriving now can share it
                 self._cache_running(r)
+
+    def _prompt_rows_of(self, r: Req, start: int, k0: int, n: int) -> list[int]:
+        """Rows (in the step's flat layout) of a chunk whose prompt tokens still need scores; records
+        them in self._prompt_rows. Tokens scored before a preemption are not scored twice."""
+        done = 0 if r.prompt_scores is None else len(r.prompt_scores.logprobs)
+        first, end = max(k0, done), min(k0 + n, r.prompt_len - 1)  # position p predicts token p + 1
+        if end <= first:
+            return []
+        self._prompt_rows.append(PromptRows(r, first, end - first))
+        return list(range(start + first - k0, start + end - k0))
+
+    def _score_prompts(self, logits: torch.Tensor) -> None:
+        rows = self._prompt_rows
+        for pr, score in zip(rows, prompt_logprobs(logits, rows, [pr.req.params.prompt_logprobs or 0 for pr in rows])):
+            r = pr.req
+            if r.prompt_scores is None:
+                r.prompt_scores = score
+            else:
+                extend(r.prompt_scores, score)
 
     def _build_batch(self, decode: list[Req], decode_slots: torch.Tensor | None, chunks: list[_Chunk]
                      ) -> tuple[torch.Tensor, torch.Tensor, PagedAttention, list[Req]]:
@@ -314,6 +349,7 @@ class Engine:
             positions.append(pos)
         segments: list[PrefillSegment] = []
         logits_idx = list(range(b))
+        prompt_idx: list[int] = []
         sample_reqs = list(decode)
         start = b
         for c in chunks:
@@ -327,10 +363,13 @@ class Engine:
                                                prefix_causal_mask(k0, c.n, self.pool.dtype, dev)))
             else:
                 segments.append(PrefillSegment(start, start + c.n, c.slots, None))
+            if r.scores_prompt:
+                prompt_idx += self._prompt_rows_of(r, start, k0, c.n)
             start += c.n
             if k0 + c.n == len(r.all_ids) and not r.warmup:  # prompt complete: sample from its last token
                 logits_idx.append(start - 1)
                 sample_reqs.append(r)
+        logits_idx += prompt_idx
         ctx = PagedAttention(self.pool, torch.cat(write) if len(write) > 1 else write[0],
                              torch.tensor(logits_idx, dtype=torch.int64, device=dev), b, table_dec,
                              lens_dec, segments)
@@ -345,7 +384,7 @@ class Engine:
             self._decode_steps += 1
             logger.info("decode step %d: batch of %d, %.0f ms", self._decode_steps, len(decode), ms)
 
-    def _append_token(self, r: Req, tok: int, out: StepOutput) -> None:
+    def _append_token(self, r: Req, tok: int, out: StepOutput) -> TokenOut:
         r.all_ids.append(tok)
         reason = None
         if tok in r.stop_ids:
@@ -353,14 +392,16 @@ class Engine:
         elif r.num_output >= r.max_new_tokens:
             reason = FINISH_LENGTH
         if reason is None:
-            out.outputs.append(TokenOut(rid=r.rid, token_ids=[tok], max_new_tokens_scaled_from=r.scaled_from))
-            return
+            item = TokenOut(rid=r.rid, token_ids=[tok], max_new_tokens_scaled_from=r.scaled_from)
+            out.outputs.append(item)
+            return item
         item = self._final_item(r, reason)
         item.token_ids = [tok]
         out.outputs.append(item)
         self._release(r)
         self.running.remove(r)
         self._retire(r)
+        return item
 
     # ------------------------------------------------------------------ KV ownership
 

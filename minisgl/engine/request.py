@@ -13,7 +13,7 @@ import enum
 import torch
 
 from minisgl.cache.radix import RadixNode
-from minisgl.messages import SamplingParams
+from minisgl.messages import SamplingParams, TokenLogprobs
 
 
 class Status(enum.Enum):
@@ -25,11 +25,11 @@ class Status(enum.Enum):
 class Req:
     __slots__ = ("rid", "params", "all_ids", "prompt_len", "max_new_tokens", "stop_ids", "warmup",
                  "scaled_from", "seq", "status", "row", "kv_len", "cached_len", "node",
-                 "cached_tokens", "started", "generator", "report")
+                 "cached_tokens", "started", "generator", "report", "prompt_scores", "adjusts", "group")
 
     def __init__(self, rid: str, input_ids: list[int], params: SamplingParams, *,
                  eos_token_ids: list[int] = (), warmup: bool = False, scaled_from: int | None = None,
-                 report: bool = True) -> None:
+                 report: bool = True, group: str = "") -> None:
         self.rid = rid
         self.params = params
         self.all_ids = list(input_ids)
@@ -51,6 +51,11 @@ class Req:
         self.cached_tokens = 0  # prompt tokens served from the prefix cache (first admission)
         self.started = False  # admitted once (usage counters are taken then)
         self.generator: torch.Generator | None = None  # per-request RNG when a seed is given
+        # echo: log-probs of prompt tokens 1.. as their chunks run (engine/logprobs.py)
+        self.prompt_scores: TokenLogprobs | None = None
+        # the sampler must change this request's logits (penalties, logit_bias) before picking a token
+        self.group = group  # the n choices of one OpenAI request share it
+        self.adjusts = bool(params.presence_penalty or params.frequency_penalty or params.logit_bias)
 
     @property
     def output_ids(self) -> list[int]:
@@ -64,6 +69,15 @@ class Req:
     def pending(self) -> int:
         """Tokens still to run through the model before the next sample (1 when decoding)."""
         return len(self.all_ids) - self.kv_len
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Still has prompt tokens to score (echo with logprobs): its prompt must run through the
+        model, not come from the prefix cache."""
+        if self.params.prompt_logprobs is None or self.warmup:
+            return False
+        done = 0 if self.prompt_scores is None else len(self.prompt_scores.logprobs)
+        return done < self.prompt_len - 1
 
     @property
     def greedy(self) -> bool:

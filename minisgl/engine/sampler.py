@@ -5,6 +5,11 @@ top-p mass (vectorised over the batch, done only when some row asks for it), and
 exponential-race trick: argmax(p / E) with E ~ Exp(1) picks index i with probability p_i. Each seeded
 request draws its E from its own torch.Generator, so its tokens do not depend on what else is in the
 batch; unseeded rows share the engine's generator. The only host sync is the final `.tolist()`.
+
+Before any of that, rows whose request has OpenAI penalties or a logit_bias get them applied to a copy
+of the logits, for all such rows at once (steps without such a request skip it):
+    logit[j] -= frequency_penalty * count[j] + presence_penalty * (count[j] > 0)   (generated tokens)
+    logit[j] += logit_bias[j]
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, reqs: list[Req]) -> list[int]:
         """logits [N, V] float32, one row per request in `reqs` -> N token ids."""
+        if any(r.adjusts for r in reqs):
+            logits = adjust_logits(logits, reqs)
         if all(r.greedy for r in reqs):
             return logits.argmax(dim=-1).tolist()
         return self._sample_mixed(logits, reqs).tolist()
@@ -69,3 +76,34 @@ def _top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
     drop = (ranks >= k) | (mass_before > top_p[:, None])
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+
+
+def adjust_logits(logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+    """A copy of logits with every row's penalties and logit_bias applied (see the module doc)."""
+    logits = logits.clone()
+    dev = logits.device
+    pen = [i for i, r in enumerate(reqs) if r.params.presence_penalty or r.params.frequency_penalty]
+    if pen:
+        outs = [reqs[i].output_ids for i in pen]
+        if any(outs):
+            rows = torch.repeat_interleave(torch.arange(len(pen), device=dev),
+                                           torch.tensor([len(o) for o in outs], device=dev))
+            toks = torch.tensor([t for o in outs for t in o], dtype=torch.int64, device=dev)
+            counts = torch.zeros(len(pen), logits.shape[-1], device=dev, dtype=logits.dtype)
+            counts.index_put_((rows, toks), torch.ones_like(toks, dtype=logits.dtype), accumulate=True)
+            freq = torch.tensor([reqs[i].params.frequency_penalty for i in pen], device=dev, dtype=logits.dtype)
+            pres = torch.tensor([reqs[i].params.presence_penalty for i in pen], device=dev, dtype=logits.dtype)
+            idx = torch.tensor(pen, device=dev)
+            logits[idx] -= freq[:, None] * counts + pres[:, None] * (counts > 0).to(logits.dtype)
+    bias_rows: list[int] = []
+    bias_toks: list[int] = []
+    bias_vals: list[float] = []
+    for i, r in enumerate(reqs):
+        for tok, val in r.params.logit_bias.items():
+            bias_rows.append(i)
+            bias_toks.append(tok)
+            bias_vals.append(val)
+    if bias_rows:
+        logits.index_put_((torch.tensor(bias_rows, device=dev), torch.tensor(bias_toks, device=dev)),
+                          torch.tensor(bias_vals, device=dev, dtype=logits.dtype), accumulate=True)
+    return logits

@@ -27,7 +27,12 @@ from starlette.routing import Route
 
 from minisgl import ipc
 from minisgl.config import ServerConfig
+from minisgl.config import context_window
+from minisgl.gateway import pages
+from minisgl.narration import relay_local
+from minisgl.gateway.live import LiveStats
 from minisgl.gateway.metrics import GatewayMetrics
+from minisgl.gateway.openai_extras import chat_logprobs, choice_seed, completion_logprobs
 from minisgl.gateway.requests import (
     ParsedRequest,
     RequestError,
@@ -44,9 +49,14 @@ from minisgl.messages import (
     ControlReq,
     GatewayInMsg,
     GenerateReq,
+    Narration,
     PeerRestarted,
     TextBatch,
     TextOut,
+    TokenizeReply,
+    TokenizeReq,
+    TokenLogprob,
+    Usage,
 )
 
 log = logging.getLogger("minisgl.gateway")
@@ -61,16 +71,24 @@ def error_response(message: str, status: int, code: str = "invalid_request", par
 
 @dataclass
 class Stream:
-    """One request in flight, seen from the gateway."""
+    """One request in flight, seen from the gateway: its n choices (engine requests) share one queue."""
 
     rid: str
     queue: asyncio.Queue[TextOut]
     arrival: float
-    done: bool = False
+    choices: list[str] = field(default_factory=list)  # rid of each choice; [rid] when n is 1
+    finished: set[str] = field(default_factory=set)
     first_token_at: float | None = None
     last_chunk_at: float | None = None
     itls: list[float] = field(default_factory=list)
     checked_at: float = 0.0  # time.monotonic() of the last client-disconnect check
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) >= len(self.choices)
+
+    def index(self, rid: str) -> int:
+        return 0 if len(self.choices) == 1 else self.choices.index(rid)
 
     async def next(self) -> TextOut:
         item = await self.queue.get()
@@ -100,14 +118,46 @@ class Stream:
                 self.itls.append(now - self.last_chunk_at)
             self.last_chunk_at = now
         if item.finish_reason is not None:
-            self.done = True
+            self.finished.add(item.rid)
+
+
+@dataclass
+class ChoiceResult:
+    """A whole (non-streamed) choice, gathered item by item."""
+
+    parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    last: TextOut | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def add(self, item: TextOut) -> None:
+        self.parts.append(item.text)
+        self.logprobs += item.logprobs
+        self.prompt_logprobs = self.prompt_logprobs or item.prompt_logprobs
+        if item.finish_reason is not None:
+            self.last = item
+
+
+def merged_usage(lasts: list[TextOut]) -> Usage | None:
+    """n choices: the prompt counts once; cached_tokens is the best reuse among them."""
+    usages = [t.usage for t in lasts if t.usage is not None]
+    if not usages:
+        return None
+    return Usage(prompt_tokens=usages[0].prompt_tokens, completion_tokens=sum(u.completion_tokens for u in usages),
+                 cached_tokens=max(u.cached_tokens for u in usages))
 
 
 class Bridge:
     """ZeroMQ on one side, asyncio queues on the other."""
 
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(self, cfg: ServerConfig, live: LiveStats | None = None) -> None:
         self.cfg = cfg
+        self.live = live or LiveStats()
+        self.tokenize_waiters: dict[str, asyncio.Future[TokenizeReply]] = {}
         self.sync_ctx = zmq.Context()
         self.async_ctx = zmq.asyncio.Context()
         # A plain socket for sending: a send never blocks (no high-water mark) and needs no await, so it
@@ -125,36 +175,57 @@ class Bridge:
         while True:
             msg = self.decoder.decode(await self.pull.recv())
             if isinstance(msg, TextBatch):
+                self.live.chunks(sum(1 for item in msg.items if item.text))
                 for item in msg.items:
                     stream = self.streams.get(item.rid)
                     if stream is not None:
                         stream.queue.put_nowait(item)
+            elif isinstance(msg, TokenizeReply):
+                waiter = self.tokenize_waiters.pop(msg.rid, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(msg)
+            elif isinstance(msg, Narration):
+                self.live.narrate(msg.source, msg.lines)
             elif isinstance(msg, PeerRestarted) and msg.name == "tokenizer":
                 n = self.fail_all("the tokenizer process restarted; this request was lost, retry it")
                 log.error("tokenizer restarted: ended %d open request(s) with an error", n)
 
     def fail_all(self, error: str, status: int = 503) -> int:
-        """End every open request with a final error item (and abort it wherever it still runs)."""
-        streams = [s for s in self.streams.values() if not s.done]
+        """End every open request with a final error item per unfinished choice (and abort it wherever
+        it still runs)."""
+        streams = {id(s): s for s in self.streams.values() if not s.done}.values()
         for stream in streams:
-            stream.queue.put_nowait(TextOut(rid=stream.rid, finish_reason=FINISH_ERROR, error=error, status=status))
-            ipc.send(self.to_tokenizer, AbortReq(stream.rid))
+            for choice in stream.choices:
+                if choice not in stream.finished:
+                    stream.queue.put_nowait(TextOut(rid=choice, finish_reason=FINISH_ERROR, error=error, status=status))
+                    ipc.send(self.to_tokenizer, AbortReq(choice))
         return len(streams)
 
     def submit(self, parsed: ParsedRequest) -> Stream:
         rid = uuid.uuid4().hex
-        stream = Stream(rid, asyncio.Queue(), time.time())
-        ipc.send(self.to_tokenizer, GenerateReq(rid=rid, prompt=parsed.prompt, messages=parsed.messages,
-                                                params=parsed.params, arrival=stream.arrival,
-                                                chat_prompt=parsed.chat_prompt))
-        self.streams[rid] = stream  # only once it was sent: a send that raised leaves nothing behind
+        n = parsed.n
+        stream = Stream(rid, asyncio.Queue(), time.time(), choices=[rid] if n == 1 else [f"{rid}-{i}" for i in range(n)])
+        for i, choice in enumerate(stream.choices):
+            ipc.send(self.to_tokenizer, GenerateReq(rid=choice, prompt=parsed.prompt, messages=parsed.messages,
+                                                    params=choice_seed(parsed.params, i, n), arrival=stream.arrival,
+                                                    chat_prompt=parsed.chat_prompt, group=rid if n > 1 else ""))
+            self.streams[choice] = stream  # only once it was sent: a send that raised leaves nothing behind
         return stream
 
     def release(self, stream: Stream) -> None:
         """The client is gone or served: abort whatever is still running, forget the queue. Idempotent."""
-        if self.streams.pop(stream.rid, None) is not None and not stream.done:
-            stream.done = True
-            ipc.send(self.to_tokenizer, AbortReq(stream.rid))
+        for choice in stream.choices:
+            if self.streams.pop(choice, None) is not None and choice not in stream.finished:
+                ipc.send(self.to_tokenizer, AbortReq(choice))
+
+    async def tokenize(self, req: TokenizeReq, timeout: float = 10.0) -> TokenizeReply:
+        waiter: asyncio.Future[TokenizeReply] = asyncio.get_running_loop().create_future()
+        self.tokenize_waiters[req.rid] = waiter
+        ipc.send(self.to_tokenizer, req)
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        finally:
+            self.tokenize_waiters.pop(req.rid, None)
 
     async def control(self, command: str, timeout: float = 2.0) -> dict | None:
         if not self.cfg.zmq_control:
@@ -194,8 +265,10 @@ class ReleasingStream(StreamingResponse):
 class Gateway:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
-        self.bridge = Bridge(cfg)
+        self.live = LiveStats()
+        self.bridge = Bridge(cfg, self.live)
         self.metrics = GatewayMetrics()
+        self.context_len = context_window(cfg)
         name = cfg.served_model_name or "default"
         self.model_names = {name, name.split("/")[-1], "default"}
         self.draining = False  # SIGTERM: new requests get 503 while open ones finish
@@ -203,6 +276,7 @@ class Gateway:
     # ------------------------------------------------------------ lifecycle
 
     async def startup(self) -> None:
+        relay_local(self.cfg, self.live.narrate)
         self.bridge.reader = asyncio.create_task(self.bridge.read_forever())
         if ipc.is_restart():  # whatever the old gateway had in flight has no client any more
             ipc.send(self.bridge.to_tokenizer, PeerRestarted("gateway"))
@@ -248,7 +322,7 @@ class Gateway:
 
     async def serve(self, request: Request, parse: Callable[..., ParsedRequest],
                     stream_fmt: Callable[[Stream, ParsedRequest], Formatter], stream_tail: list[str],
-                    whole_fmt: Callable[[Stream, ParsedRequest, str, TextOut], dict], media_type: str) -> Response:
+                    whole_fmt: Callable[[Stream, ParsedRequest, list[ChoiceResult]], dict], media_type: str) -> Response:
         if self.draining:
             return error_response("the server is shutting down", 503, code="shutting_down")
         try:
@@ -288,18 +362,20 @@ class Gateway:
             yield chunk
 
     async def _whole(self, request: Request, stream: Stream, parsed: ParsedRequest, first: TextOut,
-                     whole_fmt: Callable[[Stream, ParsedRequest, str, TextOut], dict]) -> Response:
+                     whole_fmt: Callable[[Stream, ParsedRequest, list[ChoiceResult]], dict]) -> Response:
         """A non-streamed answer: collected here, and aborted like a stream when the client leaves."""
-        parts, item = [first.text], first
+        results = [ChoiceResult() for _ in stream.choices]
+        results[stream.index(first.rid)].add(first)
         while not stream.done:
-            nxt = await stream.next_or_gone(request)
-            if nxt is None:
+            item = await stream.next_or_gone(request)
+            if item is None:
                 return Response(status_code=499)  # the caller's finally releases (aborts) it
-            item = nxt
-            parts.append(item.text)
-        if item.error is not None:
-            return error_response(item.error, item.status if item.status >= 400 else 500, code="request_failed")
-        return JSONResponse(whole_fmt(stream, parsed, "".join(parts), item))
+            results[stream.index(item.rid)].add(item)
+        for res in results:
+            if res.last is not None and res.last.error is not None:
+                return error_response(res.last.error, res.last.status if res.last.status >= 400 else 500,
+                                      code="request_failed")
+        return JSONResponse(whole_fmt(stream, parsed, results))
 
     def finish(self, stream: Stream, item: TextOut) -> None:
         """Book-keeping at a request's last item: metrics and the per-request log line."""
@@ -309,6 +385,8 @@ class Gateway:
         if u is not None:
             self.metrics.observe(item.finish_reason or "", u.prompt_tokens, u.completion_tokens, u.cached_tokens,
                                  ttft, stream.itls, e2e)
+            self.live.finished(item.rid, item.finish_reason or "", u.prompt_tokens, u.cached_tokens,
+                               u.completion_tokens, ttft, stream.itls, e2e, item.worker_id)
             hit = 100.0 * u.cached_tokens / u.prompt_tokens if u.prompt_tokens else 0.0
             log.info("rid=%s finish=%s prompt=%d cached=%d (hit %.0f%%, miss %d) completion=%d ttft=%s e2e=%.3fs%s",
                      stream.rid[:8], item.finish_reason, u.prompt_tokens, u.cached_tokens, hit,
@@ -316,8 +394,8 @@ class Gateway:
                      f"{ttft:.3f}s" if ttft is not None else "-", e2e,
                      f" error={item.error}" if item.error else "")
 
-    def usage_dict(self, item: TextOut, openai: bool) -> dict:
-        u = item.usage
+    def usage_dict(self, item: TextOut | Usage | None, openai: bool) -> dict:
+        u = item.usage if isinstance(item, TextOut) else item
         if u is None:
             return {}
         d: dict[str, Any] = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens}
@@ -342,9 +420,11 @@ class Gateway:
                 return lines
             return fmt
 
-        def whole(stream: Stream, parsed: ParsedRequest, text: str, last: TextOut) -> dict:
-            self.finish(stream, last)
-            return {"text": text, **self._done_event(last)}
+        def whole(stream: Stream, parsed: ParsedRequest, results: list[ChoiceResult]) -> dict:
+            res = results[0]
+            assert res.last is not None
+            self.finish(stream, res.last)
+            return {"text": res.text, **self._done_event(res.last)}
 
         return await self.serve(request, parse_generate, fmt_factory, [], whole, "application/x-ndjson")
 
@@ -374,46 +454,75 @@ class Gateway:
 
         def factory(stream: Stream, parsed: ParsedRequest) -> Formatter:
             head = {"id": prefix + stream.rid, "object": obj, "created": int(stream.arrival), "model": parsed.model}
-            sent_role = False
+            started: set[int] = set()  # choices that sent their role (chat) / their echoed prompt
+            offsets = [0] * len(stream.choices)  # completions: text_offset of each choice's next token
+            lasts: list[TextOut] = []
 
-            def choice(text: str, finish: str | None) -> dict:
+            def choice(index: int, item: TextOut | None, finish: str | None) -> dict:
+                text = item.text if item is not None else ""
+                lps = item.logprobs if item is not None else []
                 if chat:
-                    nonlocal sent_role
                     delta: dict[str, str] = {"content": text} if text or finish is None else {}
-                    if not sent_role:
+                    if index not in started:
                         delta = {"role": "assistant", **delta}
-                        sent_role = True
-                    return {"index": 0, "delta": delta, "finish_reason": finish}
-                return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+                        started.add(index)
+                    out = {"index": index, "delta": delta, "finish_reason": finish}
+                    if parsed.logprobs:
+                        out["logprobs"] = chat_logprobs(lps) if lps else None
+                    return out
+                entries = lps
+                if parsed.echo and index not in started and item is not None:
+                    started.add(index)
+                    text = (parsed.prompt or "") + text
+                    entries = item.prompt_logprobs + lps
+                logprobs = None
+                if parsed.logprobs and entries:
+                    logprobs = completion_logprobs(entries, offsets[index])
+                    offsets[index] += sum(len(e.token) for e in entries)
+                return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
 
             def fmt(item: TextOut) -> list[str]:
                 out = []
-                if item.text:
-                    out.append(self._sse({**head, "choices": [choice(item.text, None)]}))
+                index = stream.index(item.rid)
+                if item.text or item.logprobs or item.prompt_logprobs:
+                    out.append(self._sse({**head, "choices": [choice(index, item, None)]}))
                 if item.finish_reason is not None:
                     self.finish(stream, item)
                     if item.error is not None:
                         out.append(self._sse({"error": {"message": item.error, "type": "server_error", "code": item.status}}))
                         return out
-                    out.append(self._sse({**head, "choices": [choice("", self._openai_finish(item.finish_reason))]}))
-                    if parsed.include_usage:
-                        out.append(self._sse({**head, "choices": [], "usage": self.usage_dict(item, openai=True)}))
+                    lasts.append(item)
+                    out.append(self._sse({**head, "choices": [choice(index, None, self._openai_finish(item.finish_reason))]}))
+                    if parsed.include_usage and len(lasts) == len(stream.choices):
+                        # worker_id is ours, not OpenAI's: the chat page shows which worker served it
+                        out.append(self._sse({**head, "choices": [], "usage": self.usage_dict(merged_usage(lasts), openai=True),
+                                              "worker_id": lasts[0].worker_id}))
                 return out
             return fmt
         return factory
 
-    def _openai_whole(self, chat: bool) -> Callable[[Stream, ParsedRequest, str, TextOut], dict]:
-        def whole(stream: Stream, parsed: ParsedRequest, text: str, last: TextOut) -> dict:
-            self.finish(stream, last)
-            finish = self._openai_finish(last.finish_reason)
-            if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    def _openai_whole(self, chat: bool) -> Callable[[Stream, ParsedRequest, list[ChoiceResult]], dict]:
+        def whole(stream: Stream, parsed: ParsedRequest, results: list[ChoiceResult]) -> dict:
+            choices = []
+            lasts = [r.last for r in results if r.last is not None]
+            for index, res in enumerate(results):
+                assert res.last is not None
+                self.finish(stream, res.last)
+                finish = self._openai_finish(res.last.finish_reason)
+                if chat:
+                    lp = chat_logprobs(res.logprobs) if parsed.logprobs else None
+                    choices.append({"index": index, "message": {"role": "assistant", "content": res.text},
+                                    "finish_reason": finish, "logprobs": lp})
+                else:
+                    text = ((parsed.prompt or "") + res.text) if parsed.echo else res.text
+                    entries = (res.prompt_logprobs + res.logprobs) if parsed.echo else res.logprobs
+                    lp = completion_logprobs(entries, 0) if parsed.logprobs else None
+                    choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": lp})
             return {"id": ("chatcmpl-" if chat else "cmpl-") + stream.rid,
                     "object": "chat.completion" if chat else "text_completion",
-                    "created": int(stream.arrival), "model": parsed.model, "choices": [choice],
-                    "usage": self.usage_dict(last, openai=True)}
+                    "created": int(stream.arrival), "model": parsed.model, "choices": choices,
+                    "usage": self.usage_dict(merged_usage(lasts), openai=True),
+                    "worker_id": lasts[0].worker_id if lasts else -1}
         return whole
 
     async def completions(self, request: Request) -> Response:
@@ -426,7 +535,8 @@ class Gateway:
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
-            {"id": self.cfg.served_model_name, "object": "model", "created": 0, "owned_by": "mini-sglang"}]})
+            {"id": self.cfg.served_model_name, "object": "model", "created": 0, "owned_by": "mini-sglang",
+             "max_model_len": self.context_len, "backend": self.cfg.backend}]})
 
     # ------------------------------------------------------------ health and metrics
 
@@ -470,6 +580,7 @@ def create_app(cfg: ServerConfig) -> Starlette:
         Route("/v1/models", gw.models, methods=["GET"]),
         Route("/health", gw.health, methods=["GET"]),
         Route("/metrics", gw.metrics_endpoint, methods=["GET"]),
+        *pages.routes(gw),  # /, /dashboard, their data, /tokenize, /detokenize
     ]
     app = Starlette(routes=routes, lifespan=lifespan, middleware=guard_middleware(cfg),
                     exception_handlers={404: not_found, 405: bad_method, Exception: internal_error})

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from minisgl.config import ServerConfig
+from minisgl.gateway.openai_extras import parse_extras
 from minisgl.messages import ChatMessage, SamplingParams
 
 MAX_STOP_STRINGS = 16
@@ -18,15 +19,14 @@ MIN_TEMPERATURE = 1e-5
 # A field outside these sets is refused by name (400), never silently ignored.
 CHAT_ROLES = ("system", "user", "assistant")
 MESSAGE_FIELDS = {"role", "content"}
-# OpenAI fields owned by the chat-page / OpenAI-surface work (issue 15): accepted as before here;
-# that branch implements them.
-ISSUE15_FIELDS = {"n", "logprobs", "top_logprobs", "echo", "presence_penalty", "frequency_penalty", "logit_bias"}
+# The OpenAI extras (choices, logprobs, penalties, bias) are read by openai_extras.parse_extras.
+OPENAI_EXTRA_FIELDS = {"n", "best_of", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias"}
 SAMPLING_FIELDS = {"model", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "stream"}
-GENERATE_FIELDS = SAMPLING_FIELDS | ISSUE15_FIELDS | {"prompt", "messages", "raw", "max_new_tokens"}
+GENERATE_FIELDS = SAMPLING_FIELDS | {"prompt", "messages", "raw", "max_new_tokens"}
 # "user" is an end-user id for the provider's abuse monitoring: nothing to honour, nothing lost.
-OPENAI_FIELDS = SAMPLING_FIELDS | ISSUE15_FIELDS | {"stream_options", "user"}
-COMPLETION_FIELDS = OPENAI_FIELDS | {"prompt", "max_tokens"}
-CHAT_FIELDS = OPENAI_FIELDS | {"messages", "max_tokens", "max_completion_tokens"}
+OPENAI_FIELDS = SAMPLING_FIELDS | OPENAI_EXTRA_FIELDS | {"stream_options", "user"}
+COMPLETION_FIELDS = OPENAI_FIELDS | {"prompt", "max_tokens", "echo"}
+CHAT_FIELDS = OPENAI_FIELDS | {"messages", "max_tokens", "max_completion_tokens", "top_logprobs"}
 
 
 class RequestError(Exception):
@@ -44,6 +44,9 @@ class ParsedRequest:
     include_usage: bool  # OpenAI stream_options.include_usage
     model: str
     chat_prompt: bool = False
+    n: int = 1  # OpenAI choices, each its own engine request sharing the prompt (openai_extras.py)
+    logprobs: bool = False  # the response carries logprobs
+    echo: bool = False  # completions: the prompt text (and its logprobs) comes first
 
 
 def _is_int(v: Any) -> bool:
@@ -217,12 +220,6 @@ def parse_generate(body: Any, cfg: ServerConfig, known_models: set[str]) -> Pars
                          chat_prompt=not raw)
 
 
-def _openai_common(v: Validator) -> None:
-    n = v.integer("n", 1, 1, 1_000_000)
-    if n != 1:
-        raise RequestError("only n=1 is supported", param="n")
-
-
 def _include_usage(v: Validator) -> bool:
     opts = v.get("stream_options", {})
     if not isinstance(opts, dict):
@@ -234,23 +231,23 @@ def parse_completion(body: Any, cfg: ServerConfig, known_models: set[str]) -> Pa
     v = Validator(body, cfg)
     v.only(COMPLETION_FIELDS, "/v1/completions")
     model = v.model(known_models)
-    _openai_common(v)
-    params = v.sampling("max_tokens", 1.0)
+    params, extras = parse_extras(v, False, v.sampling("max_tokens", 1.0), cfg.backend)
     prompt = v.prompt(allow_list=True)
     v.check_prompt_size(prompt, None)
-    return ParsedRequest(prompt, None, params, v.boolean("stream", False), _include_usage(v), model)
+    return ParsedRequest(prompt, None, params, v.boolean("stream", False), _include_usage(v), model,
+                         n=extras.n, logprobs=extras.logprobs, echo=extras.echo)
 
 
 def parse_chat(body: Any, cfg: ServerConfig, known_models: set[str]) -> ParsedRequest:
     v = Validator(body, cfg)
     v.only(CHAT_FIELDS, "/v1/chat/completions")
     model = v.model(known_models)
-    _openai_common(v)
     field = "max_completion_tokens" if v.body.get("max_completion_tokens") is not None else "max_tokens"
-    params = v.sampling(field, 1.0)
+    params, extras = parse_extras(v, True, v.sampling(field, 1.0), cfg.backend)
     messages = v.messages()
     v.check_prompt_size(None, messages)
-    return ParsedRequest(None, messages, params, v.boolean("stream", False), _include_usage(v), model)
+    return ParsedRequest(None, messages, params, v.boolean("stream", False), _include_usage(v), model,
+                         n=extras.n, logprobs=extras.logprobs)
 
 
 def check_encodable(body: Any) -> None:

