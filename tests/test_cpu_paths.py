@@ -19,7 +19,8 @@ from minisgl.engine import cpu_isa
 from minisgl.engine.cpu_forward import FusedCpuForward
 from minisgl.engine.cpu_kernels import CpuKernels, load_cpu_kernels, weight_row_bytes
 from minisgl.engine.cpu_linear import can_pack, pack_linears
-from minisgl.engine.cpu_weights import MAX_KERNEL_ROWS, GgufBlocks, find_gguf, make_weight, weights_for
+from minisgl.engine.cpu_weights import (MAX_KERNEL_ROWS, GgufBlocks, find_gguf, make_weight, read_gguf_tensors,
+                                        weights_for)
 from minisgl.models import load_model
 from tests.test_cpu_kernels import _reference_attention
 from tests.test_engine import (  # noqa: F401 (fixtures)
@@ -181,18 +182,34 @@ def test_decode_attention_f32(kernels: CpuKernels, heads: int, kv_heads: int, he
 
 
 @pytest.fixture(scope="module")
-def gguf_blocks(model_dir: Path) -> GgufBlocks:
+def gguf_path(model_dir: Path) -> Path:
     path = find_gguf(model_dir)
     if path is None:
         pytest.skip("no .gguf file next to the default model")
-    return GgufBlocks(path)
+    return path
 
 
-def test_every_linear_of_the_default_model_is_its_gguf_blocks(model, model_dir: Path, gguf_blocks: GgufBlocks) -> None:
-    k = load_cpu_kernels(VECTOR_ISAS[0]) if VECTOR_ISAS else None
-    if k is None:
-        pytest.skip("no vector kernel build on this CPU")
-    weights = weights_for(model, k, model_dir, lossy_bf16=False)
+@pytest.fixture(scope="module")
+def gguf_blocks(gguf_path: Path, kernels: CpuKernels) -> GgufBlocks:
+    return GgufBlocks(gguf_path, kernels)
+
+
+def test_gguf_tensors_and_their_weights_as_gguf_py_reads_them(gguf_path: Path, kernels: CpuKernels) -> None:
+    """Our GGUF tensor reader and the kernels' widening against gguf-py (transformers' GGUF loader)."""
+    from gguf import GGUFReader
+
+    ref = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
+    ours = read_gguf_tensors(gguf_path)
+    assert {name for name, _, _ in ours} == {n for n, t in ref.items() if t.tensor_type.name in ("Q4_1", "Q8_0")}
+    for name, fmt, raw in ours[:4] + ours[-4:]:
+        t = ref[name]
+        assert np.array_equal(raw, np.asarray(t.data)), name
+        want = torch.from_numpy(dequantize(t.data, t.tensor_type))
+        assert torch.equal(kernels.widen(fmt, torch.from_numpy(raw), want.shape[1]), want), name
+
+
+def test_every_linear_of_the_default_model_is_its_gguf_blocks(model, model_dir: Path, kernels: CpuKernels) -> None:
+    weights = weights_for(model, kernels, model_dir, lossy_bf16=False)
     fmts = {name: w.fmt for name, w in weights.items()}
     assert fmts.pop("logits") == "q8_0"  # the tied embedding
     assert set(fmts.values()) == {"q4_1"} and len(fmts) == 4 * model.config.num_layers

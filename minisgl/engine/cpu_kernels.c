@@ -491,3 +491,11 @@ void gemm_f32(const uint8_t *W, const float *x, float *y, const float *bias, int
 
 /* The ISA this file was built for, so the loader can check it got the build it asked for. */
 int kernels_vector_bits(void) { return VL * 32; }
+
+/* out [N, K] float32: the weights of W (N rows in format fmt, FMT_* above), as the matmuls see them */
+void widen_rows(int fmt, const uint8_t *W, float *out, int64_t N, int64_t K) {
+    const int64_t row_bytes = fmt_row_bytes(fmt, K), blocks = K / 32;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t blk = 0; blk < blocks; blk++) widen_block(fmt, W + n * row_bytes, blk, out + n * K + blk * 32);
+}

@@ -133,6 +133,8 @@ class CpuKernels:
             fn = getattr(lib, "gemm_" + fmt)
             fn.argtypes = [_P, _P, _P, _P, _I, _I, _I]
             fn.restype = None
+        lib.widen_rows.argtypes = [ctypes.c_int, _P, _P, _I, _I]
+        lib.widen_rows.restype = None
         lib.kernels_vector_bits.restype = ctypes.c_int
         if lib.kernels_vector_bits() != VECTOR_BITS[isa]:
             raise OSError(f"the {isa} build of the CPU kernels uses {lib.kernels_vector_bits()}-bit vectors")
@@ -145,6 +147,16 @@ class CpuKernels:
         if t.dtype == torch.float32:
             return torch.float32, "_f32"
         raise ValueError(f"kernel activations are bfloat16 or float32, not {t.dtype}")
+
+    def widen(self, fmt: str, weight: torch.Tensor, k: int) -> torch.Tensor:
+        """The float32 weights [n, k] the matmuls compute with, of `weight` [n, row bytes] in `fmt`."""
+        n = weight.shape[0]
+        if fmt not in WEIGHT_FORMATS or k % 32:
+            raise ValueError(f"cannot widen {fmt!r} weights of {k} columns")
+        _check(weight, torch.uint8, (n, weight_row_bytes(fmt, k)))
+        out = torch.empty(n, k, dtype=torch.float32)
+        self.raw.widen_rows(WEIGHT_FORMATS.index(fmt), weight.data_ptr(), out.data_ptr(), n, k)
+        return out
 
     def gemm(self, fmt: str, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, n: int,
              bias: torch.Tensor | None = None) -> None:
@@ -212,7 +224,7 @@ class CpuKernels:
             lens.data_ptr(), out.data_ptr(), scratch.data_ptr(), b, num_heads, n_kv, d, d ** -0.5)
 
 
-WEIGHT_FORMATS = ("f32", "bf16", "q8_0", "q4_1")
+WEIGHT_FORMATS = ("f32", "bf16", "q8_0", "q4_1")  # in the order of cpu_kernels.c's FMT_* ids
 _BLOCK_BYTES = {"f32": 128, "bf16": 64, "q8_0": 34, "q4_1": 20}  # per 32 weights
 
 

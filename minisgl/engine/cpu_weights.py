@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,44 +80,107 @@ def _digest(row: np.ndarray) -> bytes:
     return hashlib.blake2b(row.tobytes(), digest_size=16).digest()
 
 
+# GGUF metadata value types -> struct format (8: string, 9: array; see read_gguf_tensors)
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_QTYPES = {3: "q4_1", 8: "q8_0"}  # ggml type ids of the block formats the kernels read
+
+
+def read_gguf_tensors(path: Path) -> list[tuple[str, str, np.ndarray]]:
+    """(name, fmt, raw blocks [rows, row bytes]) of the Q4_1 and Q8_0 tensors of a GGUF file (v2/v3),
+    memory-mapped. Its own small parser: gguf-py's reader also decodes every metadata field (the
+    tokenizer's 49k strings: 5 s here) that this needs only to skip."""
+    buf = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable arrays, the file untouched
+    mv = memoryview(buf)  # type: ignore[arg-type]
+    pos = 0
+
+    def take(fmt: str) -> Any:
+        nonlocal pos
+        (value,) = struct.unpack_from("<" + fmt, mv, pos)
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string() -> str:
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return bytes(mv[pos - n:pos]).decode("utf-8", "replace")
+
+    def skip(vtype: int) -> Any:
+        nonlocal pos
+        if vtype == 8:
+            return string()
+        if vtype == 9:
+            etype, count = take("I"), take("Q")
+            if etype in _GGUF_SCALARS:
+                pos += count * struct.calcsize(_GGUF_SCALARS[etype])
+            else:
+                for _ in range(count):
+                    skip(etype)
+            return None
+        return take(_GGUF_SCALARS[vtype])
+
+    if bytes(mv[:4]) != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file")
+    pos = 4
+    version, n_tensors, n_kv = take("I"), take("Q"), take("Q")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} not supported")
+    alignment = 32
+    for _ in range(n_kv):
+        key = string()
+        value = skip(take("I"))
+        if key == "general.alignment":
+            alignment = int(value)
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("Q") for _ in range(take("I"))]
+        infos.append((name, dims, take("I"), take("Q")))
+    data_start = (pos + alignment - 1) // alignment * alignment
+    out = []
+    for name, dims, qtype, offset in infos:
+        fmt = _GGUF_QTYPES.get(qtype)
+        if fmt is None or len(dims) != 2 or dims[0] % 32:
+            continue
+        k, n = dims
+        row_bytes = weight_row_bytes(fmt, k)
+        start = data_start + offset
+        out.append((name, fmt, np.asarray(buf[start:start + n * row_bytes]).reshape(n, row_bytes)))
+    return out
+
+
 class GgufBlocks:
-    """Every row of a GGUF's Q4_1 and Q8_0 tensors, found by the content of its dequantized float32
-    values (gguf-py's dequantization, the one transformers' loader uses)."""
+    """Every row of a GGUF's Q4_1 and Q8_0 tensors, found by the content of its float32 weights as
+    the kernels widen them (the same as gguf-py's dequantization, which transformers' loader uses:
+    tests/test_cpu_paths.py checks it)."""
 
-    FORMATS = {"Q4_1": "q4_1", "Q8_0": "q8_0"}
-
-    def __init__(self, path: Path) -> None:
-        from gguf import GGUFReader
-        from gguf.quants import dequantize
-
-        self._dequantize = dequantize
+    def __init__(self, path: Path, kernels: CpuKernels) -> None:
         self.path = path
-        self.tensors: list[tuple[str, Any, np.ndarray]] = []  # (fmt, quant type, raw [rows, row bytes])
+        self.kernels = kernels
+        self.tensors: list[tuple[str, np.ndarray]] = []  # (fmt, raw [rows, row bytes])
         self.rows: dict[tuple[int, bytes], tuple[int, int]] = {}  # (k, digest) -> (tensor, row)
-        for t in GGUFReader(str(path)).tensors:
-            fmt = self.FORMATS.get(t.tensor_type.name)
-            if fmt is None:
-                continue
-            raw = np.asarray(t.data)
-            dense = dequantize(raw, t.tensor_type)
+        for _, fmt, raw in read_gguf_tensors(path):
+            k = raw.shape[1] // weight_row_bytes(fmt, 32)
+            dense = kernels.widen(fmt, torch.from_numpy(np.ascontiguousarray(raw)), k * 32).numpy()
             ti = len(self.tensors)
-            self.tensors.append((fmt, t.tensor_type, raw))
+            self.tensors.append((fmt, raw))
             k = dense.shape[1]
             for r in range(dense.shape[0]):
                 self.rows.setdefault((k, _digest(dense[r])), (ti, r))
 
     def find(self, weight: torch.Tensor) -> tuple[str, torch.Tensor] | None:
-        """(fmt, blocks [n, row bytes]) whose dequantization is exactly `weight` [n, k], or None."""
-        w = weight.detach().numpy()
-        n, k = w.shape
-        hits = [self.rows.get((k, _digest(w[r]))) for r in range(n)]
+        """(fmt, blocks [n, row bytes]) whose float32 weights are exactly `weight` [n, k], or None."""
+        w = weight.detach().contiguous()
+        wn = w.numpy()
+        n, k = wn.shape
+        hits = [self.rows.get((k, _digest(wn[r]))) for r in range(n)]
         if any(h is None for h in hits) or len({self.tensors[h[0]][0] for h in hits}) != 1:  # type: ignore[index]
             return None
-        fmt, qtype, _ = self.tensors[hits[0][0]]  # type: ignore[index]
-        blocks = np.stack([self.tensors[ti][2][r] for ti, r in hits])  # type: ignore[misc]
-        if not np.array_equal(self._dequantize(blocks, qtype), w):
+        fmt = self.tensors[hits[0][0]][0]  # type: ignore[index]
+        blocks = torch.from_numpy(np.stack([self.tensors[ti][1][r] for ti, r in hits]))  # type: ignore[misc]
+        if not torch.equal(self.kernels.widen(fmt, blocks, k), w):
             return None
-        return fmt, torch.from_numpy(blocks)
+        return fmt, blocks
 
 
 def _exact_bf16(w: torch.Tensor) -> bool:
@@ -158,8 +222,8 @@ def weights_for(model: nn.Module, kernels: CpuKernels, model_dir: str | Path | N
     gguf = None
     if gguf_path is not None:
         try:
-            gguf = GgufBlocks(gguf_path)
-        except (ImportError, ValueError, OSError) as exc:
+            gguf = GgufBlocks(gguf_path, kernels)
+        except (ValueError, OSError, struct.error) as exc:
             log.warning("not reading %s for its blocks: %s", gguf_path, exc)
     out: dict[str, CpuWeight] = {}
     for name, module in model.named_modules():
