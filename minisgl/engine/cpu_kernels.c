@@ -299,14 +299,16 @@ void decode_attention_f32(const float *qkv, const float *q_norm_w, const float *
    with NR x BR vector accumulators, so at batch 16 the dequantization is paid once per weight and
    the loop is FMAs fed from L1. */
 
+/* NR x BR accumulators + NR weight vectors + BR input vectors fit the vector registers (32 with
+   AVX-512, 16 with AVX2), so each k step loads every operand once */
 #if defined(__AVX512F__)
 #define VL 16
 #define NR 4
-#define BR 6
+#define BR 4
 #elif defined(__AVX__)
 #define VL 8
-#define NR 3
-#define BR 3
+#define NR 2
+#define BR 4
 #else
 #define VL 4
 #define NR 2
@@ -332,6 +334,14 @@ static inline int64_t fmt_row_bytes(int fmt, int64_t K) {
     }
 }
 
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float fp16_to_f32(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+#else
 static inline float fp16_to_f32(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
@@ -350,8 +360,10 @@ static inline float fp16_to_f32(const uint8_t *p) {
     memcpy(&f, &u, 4);
     return f;
 }
+#endif
 
-/* Keeps the compiler from fusing a multiply with the add after it (gguf-py rounds both). */
+/* An empty asm that "changes" v: keeps the compiler from fusing a multiply with the add after it
+   (gguf-py rounds both), and from folding a register operand back into a memory load. */
 #if defined(__x86_64__) || defined(__i386__)
 #define NO_CONTRACT(v) __asm__("" : "+x"(v))
 #elif defined(__aarch64__)
@@ -421,17 +433,25 @@ static inline __attribute__((always_inline)) void panel_tile(const float *w, con
 #pragma GCC unroll 8
         for (int b = 0; b < BR; b++) acc[n][b] = (vf){};
     for (int64_t k = 0; k < K; k += VL) {
-        vf wv[NR];
+        vf wv[NR], xv[BR];
+        /* in registers, not re-read by every FMA: that would make the loop load-bound */
 #pragma GCC unroll 8
-        for (int n = 0; n < NR; n++) wv[n] = load_vf(w + n * K + k);
+        for (int n = 0; n < NR; n++) {
+            wv[n] = load_vf(w + n * K + k);
+            NO_CONTRACT(wv[n]);
+        }
 #pragma GCC unroll 8
         for (int b = 0; b < BR; b++) {
             if (b < br) {
-                const vf xv = load_vf(x + b * K + k);
-#pragma GCC unroll 8
-                for (int n = 0; n < NR; n++) acc[n][b] += wv[n] * xv;
+                xv[b] = load_vf(x + b * K + k);
+                NO_CONTRACT(xv[b]);
             }
         }
+#pragma GCC unroll 8
+        for (int b = 0; b < BR; b++)
+            if (b < br)
+#pragma GCC unroll 8
+                for (int n = 0; n < NR; n++) acc[n][b] += wv[n] * xv[b];
     }
     for (int b = 0; b < br; b++)
         for (int64_t n = 0; n < nr; n++) y[b * ldy + n] = hsum(acc[n][b]) + (bias ? bias[n] : 0.f);
@@ -458,10 +478,6 @@ static inline __attribute__((always_inline)) void gemm_impl(int fmt, const uint8
             int64_t b0 = 0;
             for (; b0 + BR <= B; b0 += BR) panel_tile(wbuf, x + b0 * K, K, y + b0 * N + n0, N, nr, BR, pb);
             switch (B - b0) { /* constant row counts: the tile's loops unroll */
-#if BR > 5
-            case 5: panel_tile(wbuf, x + b0 * K, K, y + b0 * N + n0, N, nr, 5, pb); break;
-            case 4: panel_tile(wbuf, x + b0 * K, K, y + b0 * N + n0, N, nr, 4, pb); break;
-#endif
 #if BR > 3
             case 3: panel_tile(wbuf, x + b0 * K, K, y + b0 * N + n0, N, nr, 3, pb); break;
 #endif
