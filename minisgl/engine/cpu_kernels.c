@@ -89,12 +89,16 @@ static void rmsnorm_inplace(float *x, const float *w, int64_t n, float eps) {
     for (int64_t i = 0; i < n; i++) x[i] = x[i] * inv * w[i];
 }
 
+/* The *_impl bodies take `bf` and hold only orphaned `omp for` loops; each exported kernel opens the
+   parallel region itself and calls its body with a constant `bf`. (gcc outlines a parallel region
+   before it inlines: a region inside the body would be compiled once, with `bf` a runtime value.) */
+
 /* residual [T, D] float32 (updated in place); delta [T, D] or NULL; w [D]; out [T, D]; delta and out
    bfloat16 (add_rmsnorm) or float32 (add_rmsnorm_f32) */
 static inline __attribute__((always_inline)) void add_rmsnorm_impl(float *residual, const void *delta,
                                                                    const float *w, void *out, int64_t T,
                                                                    int64_t D, float eps, int bf) {
-#pragma omp parallel for schedule(static) if (T * D >= 16384)
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         float *r = residual + t * D;
         if (delta) {
@@ -109,18 +113,20 @@ static inline __attribute__((always_inline)) void add_rmsnorm_impl(float *residu
 
 void add_rmsnorm(float *residual, const uint16_t *delta, const float *w, uint16_t *out, int64_t T, int64_t D,
                  float eps) {
+#pragma omp parallel if (T * D >= 16384)
     add_rmsnorm_impl(residual, delta, w, out, T, D, eps, 1);
 }
 
 void add_rmsnorm_f32(float *residual, const float *delta, const float *w, float *out, int64_t T, int64_t D,
                      float eps) {
+#pragma omp parallel if (T * D >= 16384)
     add_rmsnorm_impl(residual, delta, w, out, T, D, eps, 0);
 }
 
 /* gate_up [T, 2I] (gate | up); out [T, I]: bfloat16 (silu_mul) or float32 (silu_mul_f32) */
 static inline __attribute__((always_inline)) void silu_mul_impl(const void *gate_up, void *out, int64_t T,
                                                                 int64_t I, int bf) {
-#pragma omp parallel for schedule(static) if (T * I >= 16384)
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         const int64_t g = t * 2 * I, u = g + I;
 #pragma omp simd
@@ -131,9 +137,15 @@ static inline __attribute__((always_inline)) void silu_mul_impl(const void *gate
     }
 }
 
-void silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t T, int64_t I) { silu_mul_impl(gate_up, out, T, I, 1); }
+void silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t T, int64_t I) {
+#pragma omp parallel if (T * I >= 16384)
+    silu_mul_impl(gate_up, out, T, I, 1);
+}
 
-void silu_mul_f32(const float *gate_up, float *out, int64_t T, int64_t I) { silu_mul_impl(gate_up, out, T, I, 0); }
+void silu_mul_f32(const float *gate_up, float *out, int64_t T, int64_t I) {
+#pragma omp parallel if (T * I >= 16384)
+    silu_mul_impl(gate_up, out, T, I, 0);
+}
 
 /* x [D] float32, rotated in place (neox style); cs = cos|cos then -sin|sin, 2 * D floats */
 static void rope_inplace(float *x, const float *cs, int64_t D) {
@@ -222,7 +234,6 @@ static inline __attribute__((always_inline)) void decode_attention_impl(
     const int64_t G = H / Hkv, width = (H + 2 * Hkv) * D, kv_row = Hkv * D;
     float *q_all = scratch;               /* [B, H, D] */
     float *scores_all = scratch + B * H * D; /* [B, H, table_stride] */
-#pragma omp parallel
     {
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) {
@@ -267,6 +278,7 @@ void decode_attention(const uint16_t *qkv, const float *q_norm_w, const float *k
                       const float *cos_sin, const int64_t *positions, float *k_pool, float *v_pool,
                       const int64_t *write_slots, const int64_t *table, int64_t table_stride, const int64_t *lens,
                       uint16_t *out, float *scratch, int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale) {
+#pragma omp parallel
     decode_attention_impl(qkv, q_norm_w, k_norm_w, eps, cos_sin, positions, k_pool, v_pool, write_slots, table,
                           table_stride, lens, out, scratch, B, H, Hkv, D, scale, 1);
 }
@@ -276,6 +288,7 @@ void decode_attention_f32(const float *qkv, const float *q_norm_w, const float *
                           const int64_t *write_slots, const int64_t *table, int64_t table_stride,
                           const int64_t *lens, float *out, float *scratch, int64_t B, int64_t H, int64_t Hkv,
                           int64_t D, float scale) {
+#pragma omp parallel
     decode_attention_impl(qkv, q_norm_w, k_norm_w, eps, cos_sin, positions, k_pool, v_pool, write_slots, table,
                           table_stride, lens, out, scratch, B, H, Hkv, D, scale, 0);
 }
@@ -460,7 +473,6 @@ static inline __attribute__((always_inline)) void panel_tile(const float *w, con
 static inline __attribute__((always_inline)) void gemm_impl(int fmt, const uint8_t *W, const float *x, float *y,
                                                             const float *bias, int64_t B, int64_t K, int64_t N) {
     const int64_t row_bytes = fmt_row_bytes(fmt, K), panels = (N + NR - 1) / NR, blocks = K / 32;
-#pragma omp parallel
     {
         float *wbuf = aligned_alloc(64, (size_t)(NR * K * sizeof(float) + 63) / 64 * 64);
 #pragma omp for schedule(static)
@@ -493,15 +505,19 @@ static inline __attribute__((always_inline)) void gemm_impl(int fmt, const uint8
 /* W: N rows of K/32 blocks in the format of the name; x [B, K], y [B, N] float32; bias [N] or NULL.
    K must be a multiple of 32 (checked by the caller). */
 void gemm_q4_1(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) {
+#pragma omp parallel
     gemm_impl(FMT_Q4_1, W, x, y, bias, B, K, N);
 }
 void gemm_q8_0(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) {
+#pragma omp parallel
     gemm_impl(FMT_Q8_0, W, x, y, bias, B, K, N);
 }
 void gemm_bf16(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) {
+#pragma omp parallel
     gemm_impl(FMT_BF16, W, x, y, bias, B, K, N);
 }
 void gemm_f32(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) {
+#pragma omp parallel
     gemm_impl(FMT_F32, W, x, y, bias, B, K, N);
 }
 
