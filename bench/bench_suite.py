@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 if __package__ in (None, ""):  # run as a file: make `bench` and `minisgl` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a file: make `bench` and `minisgl` impor
 import httpx
 from tqdm import tqdm
 
-from bench.client import StreamResult, astream_generate, generate_payload, server_info
+from bench.client import StreamResult, astream_generate, astream_openai, generate_payload, server_info
 from bench.common import (RESULTS_DIR, command_line, env_str, gpu_names, machine_info, make_prompt, make_text,
                           parse_int_list, summarize)
 
@@ -147,6 +147,19 @@ def warmup_payloads(args: argparse.Namespace) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- measuring
 
 
+Sender = Callable[[httpx.AsyncClient, str, dict[str, Any]], Awaitable[StreamResult]]
+# How requests reach the system being measured: our /generate, or (--api openai) the equivalent
+# streaming OpenAI request, which any OpenAI-compatible server (vLLM) takes. Set per system.
+send: Sender = astream_generate
+
+
+def openai_sender(model: str) -> Sender:
+    async def one(client: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> StreamResult:
+        return await astream_openai(client, url, payload, model)
+
+    return one
+
+
 def new_client(max_conc: int, timeout: float) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0),
                              limits=httpx.Limits(max_connections=max_conc + 4, max_keepalive_connections=max_conc + 4))
@@ -159,7 +172,7 @@ async def run_level(client: httpx.AsyncClient, url: str, payloads: list[dict[str
 
     async def one(payload: dict[str, Any]) -> StreamResult:
         async with sem:
-            res = await astream_generate(client, url, payload)
+            res = await send(client, url, payload)
         if bar is not None:
             bar.update(1)
         return res
@@ -237,7 +250,7 @@ async def calibrate_words_per_token(client: httpx.AsyncClient, url: str, seed: i
     counts: list[tuple[int, int]] = []
     for words in (50, 250):
         text = make_text(random.Random(f"calibrate:{seed}:{words}"), words)
-        res = await astream_generate(client, url, generate_payload(text, **request_params(1, seed, raw)))
+        res = await send(client, url, generate_payload(text, **request_params(1, seed, raw)))
         if not res.ok or res.prompt_tokens <= 0:
             raise RuntimeError(f"calibration request failed: {res.error}")
         counts.append((len(text.split()), res.prompt_tokens))
@@ -260,17 +273,17 @@ async def run_prefix(url: str, args: argparse.Namespace, label: str) -> dict[str
         words = max(1, round(PREFIX_TOKENS * wpt))
         prefix = make_text(random.Random(f"prefix:{args.seed}"), words)
         suffixes = [make_prompt(f"suffix:{args.seed}:{i}", 16) for i in range(n)]
-        prime = await astream_generate(client, url, generate_payload(prefix, **request_params(1, 0, args.raw)))
+        prime = await send(client, url, generate_payload(prefix, **request_params(1, 0, args.raw)))
         warm: list[StreamResult] = []
         cold: list[StreamResult] = []
         with tqdm(total=2 * n, desc=f"{label} prefix", unit="req", file=sys.stderr, dynamic_ncols=True) as bar:
             for i, suffix in enumerate(suffixes):
                 payload = generate_payload(f"{prefix} {suffix}", **request_params(new_tokens, i, args.raw))
-                warm.append(await astream_generate(client, url, payload))
+                warm.append(await send(client, url, payload))
                 bar.update(1)
                 fresh = make_text(random.Random(f"cold:{args.seed}:{i}"), words)
                 payload = generate_payload(f"{fresh} {suffix}", **request_params(new_tokens, i, args.raw))
-                cold.append(await astream_generate(client, url, payload))
+                cold.append(await send(client, url, payload))
                 bar.update(1)
     return prefix_summary(prime, warm, cold)
 
@@ -329,8 +342,16 @@ def run_system(system: System, levels: list[Level], args: argparse.Namespace, lo
 
 def measure_system(url: str, system: System, levels: list[Level], args: argparse.Namespace,
                    out: dict[str, Any]) -> dict[str, Any]:
+    global send
     info = server_info(url)
     out["model"] = info.get("model")
+    out["api"] = args.api
+    if args.api == "openai":
+        if not out["model"]:
+            raise SystemExit(f"[bench] {url}/v1/models names no model: --api openai needs one")
+        send = openai_sender(out["model"])
+    else:
+        send = astream_generate
     out["backend"] = info.get("backend", system.backend)
     out["runs"] = asyncio.run(run_levels(url, levels, warmup_payloads(args), args, system.name)) if levels else []
     if "prefix" in args.cases:
@@ -517,6 +538,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ours,baseline backends to launch (first is ours; one name = no baseline) [auto,hf]")
     p.add_argument("--target-url", default=None, help="benchmark this running server instead of launching ours")
     p.add_argument("--baseline-url", default=None, help="benchmark this running server as the baseline")
+    p.add_argument("--baseline-name", default=None, help="label of the baseline in the results, e.g. vllm-cpu")
+    p.add_argument("--api", choices=("generate", "openai"), default="generate",
+                   help="generate: our /generate; openai: the same requests as streaming /v1/chat/completions "
+                        "(/v1/completions with --raw) for every system, e.g. against vLLM [generate]")
     p.add_argument("--cases", "--case", default=env_str("BENCH_CASES", "short,medium,long,mixed"),
                    help=f"comma-separated, from {','.join(ALL_CASE_NAMES)} [short,medium,long,mixed]")
     p.add_argument("--concurrency", default=env_str("BENCH_CONCURRENCY", "1,4,16" if gpu_names() else "1,4"),
@@ -581,7 +606,7 @@ def plan_systems(args: argparse.Namespace) -> list[System]:
     systems.append(System("mini-sglang", "target", ours, args.target_url, ["--backend", ours, *shared]))
     if len(args.backends) == 2 or args.baseline_url:
         base = resolve_backend(args.backends[1]) if len(args.backends) == 2 else "unknown"
-        name = f"{base}-baseline" if base != "unknown" else "baseline"
+        name = args.baseline_name or (f"{base}-baseline" if base != "unknown" else "baseline")
         systems.append(System(name, "baseline", base, args.baseline_url, ["--backend", base, *shared]))
     return systems
 

@@ -156,6 +156,79 @@ async def astream_generate(client: httpx.AsyncClient, base_url: str, payload: di
     return tracker.finish(time.perf_counter())
 
 
+def openai_request(payload: dict[str, Any], model: str) -> tuple[str, dict[str, Any]]:
+    """(path, body) of the OpenAI streaming request equal to a /generate payload: chat completions
+    for a prompt the server wraps in the chat template (our /generate default), plain completions for
+    a raw one; greedy, ignore_eos and the seed carry over, usage comes in the stream's last chunk."""
+    body: dict[str, Any] = {"model": model, "stream": True, "stream_options": {"include_usage": True},
+                            "max_tokens": payload["max_new_tokens"]}
+    for key in ("temperature", "ignore_eos", "seed"):
+        if payload.get(key) is not None:
+            body[key] = payload[key]
+    if payload.get("messages") is not None:
+        return "/v1/chat/completions", {**body, "messages": payload["messages"]}
+    if payload.get("raw"):
+        return "/v1/completions", {**body, "prompt": payload.get("prompt", "")}
+    return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": payload.get("prompt", "")}]}
+
+
+class _OpenAITracker(_Tracker):
+    """Folds OpenAI server-sent events (`data: {...}` chunks, `data: [DONE]`) into a StreamResult."""
+
+    def feed(self, line: str, now: float) -> None:
+        line = line.strip()
+        if not line.startswith("data:"):
+            return
+        data = line[5:].strip()
+        if data == "[DONE]":
+            if self.res.error is None:
+                self.res.ok = self.res.finish_reason is not None
+            return
+        try:
+            obj = json.loads(data)
+        except json.JSONDecodeError:
+            self._fail(f"malformed stream line: {line[:200]!r}", self.res.status)
+            return
+        if "error" in obj:
+            err = obj["error"]
+            self._fail(str(err.get("message", err) if isinstance(err, dict) else err), 500)
+            return
+        for choice in obj.get("choices") or []:
+            delta = choice.get("delta", {}).get("content") if "delta" in choice else choice.get("text")
+            self._delta(delta or "", now)
+            if choice.get("finish_reason"):
+                self.res.finish_reason = choice["finish_reason"]
+        usage = obj.get("usage")
+        if usage:
+            self.res.prompt_tokens = int(usage.get("prompt_tokens", 0))
+            self.res.completion_tokens = int(usage.get("completion_tokens", 0))
+            details = usage.get("prompt_tokens_details") or {}
+            self.res.cached_tokens = int(details.get("cached_tokens", 0) or 0)
+
+
+async def astream_openai(client: httpx.AsyncClient, base_url: str, payload: dict[str, Any], model: str,
+                         on_delta: Callable[[str], None] | None = None) -> StreamResult:
+    """astream_generate's twin for any OpenAI-compatible server (vLLM, ours): the same /generate
+    payload, sent as the equivalent streaming chat/completions request."""
+    path, body = openai_request(payload, model)
+    t0 = time.perf_counter()
+    tracker = _OpenAITracker(t0, on_delta)
+    try:
+        async with client.stream("POST", base_url.rstrip("/") + path, json=body) as resp:
+            tracker.res.status = resp.status_code
+            if resp.status_code != 200:
+                tracker._fail(http_error_message(resp.status_code, await resp.aread()), resp.status_code)
+            else:
+                async for line in resp.aiter_lines():
+                    tracker.feed(line, time.perf_counter())
+    except httpx.HTTPError as exc:
+        tracker._fail(f"{type(exc).__name__}: {exc}", 0)
+    res = tracker.finish(time.perf_counter())
+    if res.ok and res.completion_tokens == 0:
+        res.ok, res.error = False, "no usage in the stream"
+    return res
+
+
 def stream_generate(base_url: str, payload: dict[str, Any], on_delta: Callable[[str], None] | None = None,
                     timeout: float = 600.0, client: httpx.Client | None = None) -> StreamResult:
     """Synchronous twin of astream_generate (for the CLI tools)."""

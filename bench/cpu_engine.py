@@ -1,7 +1,9 @@
-"""In-process timings of the `torch` backend on a CPU: the fused kernels on and off, and the idle effect.
+"""In-process timings of the `torch` backend on a CPU: each CPU path side by side, and the idle effect.
 
-No HTTP, no processes: two backends on the default model in one process (fused CPU kernels on, and off
-with extra cpu_kernels=0), stepped in alternating rounds so that the machine's drift hits both alike.
+No HTTP, no processes: one backend per CPU path (engine/cpu_isa.py: amx, avx512, avx2, and torch, the
+model's own float32 torch ops) on the default model in one process, stepped in alternating rounds so
+that the machine's drift hits all alike. The paths default to every one this CPU can run (amx too:
+oneDNN runs its bfloat16 matmuls without AMX tiles, slower); speed-ups are against `torch`.
 
   decode   median step time with B sequences decoding (~100-token prompts), B in --batches
   prefix   a 549-token prompt cold, then the same 522-token prefix with a new 27-token suffix (the
@@ -11,7 +13,7 @@ with extra cpu_kernels=0), stepped in alternating rounds so that the machine's d
            again (see bench/RESULTS.md), which no engine can hide
 
     python bench/cpu_engine.py                       # decode at 1, 4, 16; prefix; idle 0.4 s
-    python bench/cpu_engine.py --batches 4 --rounds 12
+    python bench/cpu_engine.py --batches 4 --rounds 12 --paths avx512,torch
 
 Prints a table and saves JSON under bench/results/.
 """
@@ -32,17 +34,30 @@ if __package__ in (None, ""):  # run as a file: make `bench` and `minisgl` impor
 
 from bench.common import RESULTS_DIR, command_line, machine_info
 
-VARIANTS = {"fused": "1", "torch ops": "0"}
+def default_paths() -> list[str]:
+    from minisgl.engine import cpu_isa
+
+    paths = cpu_isa.supported()
+    if "amx" not in paths and cpu_isa._can_force("amx"):
+        paths.insert(0, "amx")
+    return paths
 
 
-def make_backends(seed: int) -> dict[str, Any]:
+def make_backends(seed: int, paths: list[str]) -> dict[str, Any]:
     from minisgl.backends.base import BackendConfig, create_backend
+    from minisgl.engine import cpu_isa
     from minisgl.models.fetch import ensure_default_model
 
     model_dir = ensure_default_model(quiet=True)
-    return {name: create_backend("torch", BackendConfig(model_path=str(model_dir), device="cpu", seed=seed,
-                                                        extra={"cpu_kernels": flag}))
-            for name, flag in VARIANTS.items()}
+    backends = {}
+    for path in paths:
+        be = create_backend("torch", BackendConfig(model_path=str(model_dir), device="cpu", seed=seed,
+                                                   kv_cache_tokens=8192, extra={"cpu_isa": path}))
+        if be.cpu_path != path:  # type: ignore[attr-defined]
+            raise SystemExit(f"[cpu_engine] this CPU cannot run the {path} path (it ran {be.cpu_path})")
+        backends[path] = be
+        cpu_isa.choose.cache_clear()
+    return backends
 
 
 def add(backend: Any, rid: str, ids: list[int], max_new: int) -> None:
@@ -115,6 +130,7 @@ def idle(backend: Any, idle_s: float, repeats: int, rng: random.Random) -> dict[
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="1,4,16", help="decode batch sizes")
+    p.add_argument("--paths", default="", help="CPU paths to compare [every one this CPU runs]")
     p.add_argument("--rounds", type=int, default=8, help="alternating rounds per measurement")
     p.add_argument("--steps", type=int, default=10, help="decode steps per backend per round")
     p.add_argument("--idle-s", type=float, default=0.4)
@@ -125,30 +141,28 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     rng = random.Random(args.seed)
-    backends = make_backends(args.seed)
-    fused = backends["fused"].fused  # type: ignore[attr-defined]
-    if fused is None:
-        print("[cpu_engine] the fused kernels are not in use here (no AMX, or no C compiler): nothing to compare",
-              file=sys.stderr)
-        return 1
+    paths = [x for x in args.paths.split(",") if x] or default_paths()
+    backends = make_backends(args.seed, paths)
     result: dict[str, Any] = {"command": command_line(), "machine": machine_info(), "threads": torch.get_num_threads(),
-                              "decode_step_ms": {}, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                              "paths": paths, "decode_step_ms": {}, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for b in [int(x) for x in args.batches.split(",") if x]:
         result["decode_step_ms"][str(b)] = decode(backends, b, args.rounds, args.steps, rng)
     result["prefix_ttft_ms"] = prefix(backends, max(3, args.rounds // 2), rng)
-    result["idle"] = {"idle_s": args.idle_s, **idle(backends["fused"], args.idle_s, max(3, args.rounds // 2), rng)}
+    result["idle"] = {"idle_s": args.idle_s, **idle(backends[paths[0]], args.idle_s, max(3, args.rounds // 2), rng)}
     for be in backends.values():
         be.shutdown()
 
-    print(f"threads {result['threads']}; medians, ms")
-    print("| measurement | fused | torch ops | speed-up |\n| --- | --- | --- | --- |")
+    base = "torch" if "torch" in paths else None
+    print(f"threads {result['threads']}; medians, ms" + (" (speed-up over torch)" if base else ""))
+    print("| measurement | " + " | ".join(paths) + " |\n| --- |" + " --- |" * len(paths))
     rows = [(f"decode step, batch {b}", d) for b, d in result["decode_step_ms"].items()]
     rows += [(f"prefix {k} (549 tokens, {'522 cached' if k == 'warm' else 'none cached'})",
-              {n: result["prefix_ttft_ms"][n][k] for n in VARIANTS}) for k in ("cold", "warm")]
+              {n: result["prefix_ttft_ms"][n][k] for n in paths}) for k in ("cold", "warm")]
     for label, d in rows:
-        print(f"| {label} | {d['fused']:.1f} | {d['torch ops']:.1f} | {d['torch ops'] / d['fused']:.2f}x |")
+        cells = [f"{d[n]:.1f}" + (f" ({d[base] / d[n]:.2f}x)" if base and n != base else "") for n in paths]
+        print(f"| {label} | " + " | ".join(cells) + " |")
     i = result["idle"]
-    print(f"idle {i['idle_s']} s: decode step before {i['step_before_ms']:.1f} ms, first after "
+    print(f"idle {i['idle_s']} s ({paths[0]}): decode step before {i['step_before_ms']:.1f} ms, first after "
           f"{i['first_step_after_ms']:.1f} ms")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

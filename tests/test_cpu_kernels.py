@@ -148,7 +148,8 @@ def test_decode_attention_rejects_bad_indices(kernels: CpuKernels) -> None:
         with pytest.raises(ValueError):
             call(**bad)
     with pytest.raises(ValueError):
-        kernels.add_rmsnorm(torch.zeros(2, 8), None, torch.ones(8), torch.empty(2, 8), 1e-6)  # float32 out
+        kernels.add_rmsnorm(torch.zeros(2, 8), torch.zeros(2, 8, dtype=torch.bfloat16), torch.ones(8), torch.empty(2, 8),
+                            1e-6)  # a bfloat16 delta with a float32 out
 
 
 # ---------------------------------------------------------------- the fused decode step
@@ -259,11 +260,12 @@ def test_fused_forward_on_the_default_model(kernels: CpuKernels, default_model_d
 
 
 def test_torch_backend_uses_the_kernels(kernels: CpuKernels, default_model_dir: Path) -> None:
+    """By default on any x86 CPU with AVX2 (engine/cpu_isa.py); tests/test_cpu_paths.py forces each path."""
     from minisgl.backends.base import BackendConfig, create_backend
-    from minisgl.engine.cpu_linear import cpu_has_amx
+    from minisgl.engine import cpu_isa
 
-    if not cpu_has_amx():
-        pytest.skip("the backend packs its linears (and so fuses its decode) only on CPUs with AMX")
+    if cpu_isa.choose() == "torch":
+        pytest.skip("neither AVX2 nor AVX-512 nor AMX here (or MINISGL_CPU_ISA=torch): the model's own ops")
     backend = create_backend("torch", BackendConfig(model_path=str(default_model_dir), device="cpu",
                                                     kv_cache_tokens=1024))
     try:

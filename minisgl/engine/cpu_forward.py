@@ -1,7 +1,10 @@
-"""The forward of a packed CPU model, with the fused kernels of `cpu_kernels.c` around its matmuls.
+"""The forward of a CPU model, with the fused kernels of `cpu_kernels.c` around its matmuls.
 
 Stands in for the model in `Engine._run` (`self.model(ids, positions, ctx)`), as the sgl backend's CUDA
-graph runner does on a GPU. Per layer it is 4 packed bfloat16 matmuls (oneDNN) and 4 kernels:
+graph runner does on a GPU. Its matmuls are either the packed bfloat16 oneDNN ones of cpu_linear.py
+(the `amx` path: bfloat16 activations between them) or, given `weights` (cpu_weights.py: the
+`avx512` / `avx2` paths), the weight-streaming kernels for decode-sized steps and torch's float32
+GEMM for prompt chunks, with float32 activations throughout. Per layer it is 4 matmuls and 4 kernels:
 
     x = add_rmsnorm(residual, delta)        # the previous layer's output joins the residual stream
     qkv = qkv_proj(x)
@@ -13,8 +16,10 @@ graph runner does on a GPU. Per layer it is 4 packed bfloat16 matmuls (oneDNN) a
 instead of ~30 torch ops, each costing 5-15 us at decode sizes on caches the weight stream has just
 flushed. A prompt chunk's attention stays torch's SDPA (a blocked matmul; the kernel here does one
 query at a time). The numbers are those of the model's forward: float32 residual, norms, RoPE, KV and
-attention, bfloat16 matmul inputs; up to float32 rounding order and one bfloat16 rounding fewer in
-silu * up (tests/test_cpu_kernels.py compares both against float32).
+attention, bfloat16 matmul inputs on the amx path (up to float32 rounding order and one bfloat16
+rounding fewer in silu * up), float32 everything on the others (up to rounding order, and the weights'
+own rounding where they are stored as bfloat16); tests/test_cpu_kernels.py compares each against
+float32.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from minisgl.engine.attention import PagedAttention
 from minisgl.engine.cpu_kernels import (CpuKernels, attention_scratch_size, check_attention_shape,
                                         check_decode_batch)
 from minisgl.engine.cpu_linear import PackedLinear
+from minisgl.engine.cpu_weights import CpuWeight
 
 
 def _linear(x: torch.Tensor, lin: PackedLinear) -> torch.Tensor:
@@ -35,15 +41,19 @@ def _linear(x: torch.Tensor, lin: PackedLinear) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, lin.packed, lin.bias, "none", [], "")
 
 
+def _apply(x: torch.Tensor, weight: CpuWeight) -> torch.Tensor:
+    return weight(x)
+
+
 @dataclass(frozen=True)
 class _Layer:
-    """One decoder layer as the kernels see it: packed matmuls, and data pointers of float32 weights
-    checked once at load (the model is frozen while it serves)."""
+    """One decoder layer as the kernels see it: its matmuls (packed, or CpuWeights), and data pointers
+    of float32 weights checked once at load (the model is frozen while it serves)."""
 
-    qkv: PackedLinear
-    o: PackedLinear
-    gate_up: PackedLinear
-    down: PackedLinear
+    qkv: PackedLinear | CpuWeight
+    o: PackedLinear | CpuWeight
+    gate_up: PackedLinear | CpuWeight
+    down: PackedLinear | CpuWeight
     post_norm: int  # post_attention_layernorm.weight
     next_norm: int  # the next layer's input_layernorm.weight, or the final norm's after the last layer
     q_norm: int | None
@@ -52,39 +62,54 @@ class _Layer:
 
 
 class FusedCpuForward(nn.Module):
-    """Wraps a packed CPU model; called like it, with the engine's PagedAttention context."""
+    """Wraps a CPU model; called like it, with the engine's PagedAttention context. Without `weights`
+    the model's linears must be packed (the amx path); with them (cpu_weights.weights_for) the model
+    stays as it is and its linears run through them."""
 
-    def __init__(self, model: nn.Module, kernels: CpuKernels) -> None:
+    def __init__(self, model: nn.Module, kernels: CpuKernels, weights: dict[str, CpuWeight] | None = None) -> None:
         super().__init__()
-        if not self.supports(model):
-            raise ValueError("FusedCpuForward needs a float32 model whose linears are PackedLinear and whose "
-                             "attention shape the kernels handle")
+        if not self.supports(model, vector=weights is not None):
+            raise ValueError("FusedCpuForward needs a float32 model whose attention shape the kernels handle, "
+                             "with its linears packed (PackedLinear) or CpuWeights for them")
         self.model = model
         self.kernels = kernels
+        self.weights = weights
+        self.act = torch.bfloat16 if weights is None else torch.float32  # activations between matmuls
+        suffix = "" if weights is None else "_f32"
+        self._add_rmsnorm = getattr(kernels.raw, "add_rmsnorm" + suffix)
+        self._silu_mul = getattr(kernels.raw, "silu_mul" + suffix)
+        self._attention = getattr(kernels.raw, "decode_attention" + suffix)
         self.config = cfg = model.config  # stands in for the model, config included
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         inner = model.model
         self.eps = float(cfg.rms_norm_eps)
         self.first_norm = self._weight(inner.layers[0].input_layernorm.weight, cfg.hidden_size)
         self.layers: list[_Layer] = []
+        def lin(name: str, module: nn.Module) -> PackedLinear | CpuWeight:
+            return module if weights is None else weights[name]
+
         for i, layer in enumerate(inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
             nxt = inner.layers[i + 1].input_layernorm if i + 1 < len(inner.layers) else inner.norm
+            pre = f"model.layers.{i}."
             self.layers.append(_Layer(
-                attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj,
+                lin(pre + "self_attn.qkv_proj", attn.qkv_proj), lin(pre + "self_attn.o_proj", attn.o_proj),
+                lin(pre + "mlp.gate_up_proj", mlp.gate_up_proj), lin(pre + "mlp.down_proj", mlp.down_proj),
                 self._weight(layer.post_attention_layernorm.weight, cfg.hidden_size),
                 self._weight(nxt.weight, cfg.hidden_size),
                 None if attn.q_norm is None else self._weight(attn.q_norm.weight, cfg.head_dim),
                 None if attn.k_norm is None else self._weight(attn.k_norm.weight, cfg.head_dim), attn))
-        self.intermediate = self.layers[0].gate_up.out_features // 2
+        self.intermediate = cfg.intermediate_size
+        self.logits = model.logits_proj if weights is None else weights["logits"]
         self.steps = 0  # forwards run here (tests read it)
 
     @staticmethod
-    def supports(model: nn.Module) -> bool:
-        """A float32 model (residual stream, norms, RoPE cache) whose linears and logits projection are
-        packed for oneDNN (cpu_linear.pack_linears), with an attention shape the C kernel handles."""
+    def supports(model: nn.Module, vector: bool = False) -> bool:
+        """A float32 model (residual stream, norms, RoPE cache) with an attention shape the C kernel
+        handles, whose linears and logits projection are packed for oneDNN (cpu_linear.pack_linears),
+        or, for `vector` (the weight kernels), whose matmul input sizes are multiples of 32."""
         inner = getattr(model, "model", None)
-        if inner is None or getattr(model, "logits_proj", None) is None:
+        if inner is None or not hasattr(model, "logits_proj"):
             return False
         cfg = model.config
         try:
@@ -92,6 +117,11 @@ class FusedCpuForward(nn.Module):
         except ValueError:
             return False
         if next(model.parameters()).dtype != torch.float32 or inner.rotary_emb.cos_sin.dtype != torch.float32:
+            return False
+        if vector:
+            return all(size % 32 == 0 for size in (cfg.hidden_size, cfg.intermediate_size,
+                                                    cfg.num_heads * cfg.head_dim))
+        if model.logits_proj is None:
             return False
         return all(isinstance(m, PackedLinear) for layer in inner.layers for m in (
             layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
@@ -110,7 +140,6 @@ class FusedCpuForward(nn.Module):
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: PagedAttention) -> torch.Tensor:
-        raw = self.kernels.raw
         inner = self.model.model
         t, b, h, hkv, d = ids.shape[0], ctx.num_decode, self.num_heads, self.num_kv_heads, self.head_dim
         cos_sin = inner.rotary_emb.cos_sin
@@ -118,9 +147,11 @@ class FusedCpuForward(nn.Module):
         # Buffers of the step, reused by every layer (each kernel reads its input before it writes)
         residual = inner.embed_tokens(ids)  # float32 [t, hidden], a fresh tensor: updated in place
         hidden = residual.shape[1]
-        x = torch.empty(t, hidden, dtype=torch.bfloat16)
-        attn_out = torch.empty(t, h * d, dtype=torch.bfloat16)
-        act = torch.empty(t, self.intermediate, dtype=torch.bfloat16)
+        x = torch.empty(t, hidden, dtype=self.act)
+        attn_out = torch.empty(t, h * d, dtype=self.act)
+        act = torch.empty(t, self.intermediate, dtype=self.act)
+        mm = _linear if self.weights is None else _apply
+        add_rmsnorm, silu_mul, attention = self._add_rmsnorm, self._silu_mul, self._attention
         eps = self.eps
         decode_args: tuple = ()
         if b:
@@ -133,21 +164,21 @@ class FusedCpuForward(nn.Module):
         if b < t:  # prompt-chunk rows: the model's own attention ops on them
             prefill_ctx = ctx.prefill_rows()
             prefill_cos, prefill_sin = inner.rotary_emb(positions[b:])
-        raw.add_rmsnorm(residual.data_ptr(), None, self.first_norm, x.data_ptr(), t, hidden, eps)
+        add_rmsnorm(residual.data_ptr(), None, self.first_norm, x.data_ptr(), t, hidden, eps)
         for i, layer in enumerate(self.layers):
-            qkv = _linear(x, layer.qkv)
+            qkv = mm(x, layer.qkv)
             if b:
-                raw.decode_attention(qkv.data_ptr(), layer.q_norm, layer.k_norm, eps, cos_sin.data_ptr(),
-                                     positions.data_ptr(), pool.k[i].data_ptr(), pool.v[i].data_ptr(), *decode_args)
+                attention(qkv.data_ptr(), layer.q_norm, layer.k_norm, eps, cos_sin.data_ptr(),
+                          positions.data_ptr(), pool.k[i].data_ptr(), pool.v[i].data_ptr(), *decode_args)
             if b < t:
                 q, k, v = layer.attn.project_heads(qkv[b:].float(), prefill_cos, prefill_sin)
                 attn_out[b:] = prefill_ctx.attention(i, q, k, v).reshape(t - b, h * d)
-            o = _linear(attn_out, layer.o)  # named: a temporary would be freed before the C call reads it
-            raw.add_rmsnorm(residual.data_ptr(), o.data_ptr(), layer.post_norm, x.data_ptr(), t, hidden, eps)
-            gate_up = _linear(x, layer.gate_up)
-            raw.silu_mul(gate_up.data_ptr(), act.data_ptr(), t, self.intermediate)
-            down = _linear(act, layer.down)
-            raw.add_rmsnorm(residual.data_ptr(), down.data_ptr(), layer.next_norm, x.data_ptr(), t, hidden, eps)
+            o = mm(attn_out, layer.o)  # named: a temporary would be freed before the C call reads it
+            add_rmsnorm(residual.data_ptr(), o.data_ptr(), layer.post_norm, x.data_ptr(), t, hidden, eps)
+            gate_up = mm(x, layer.gate_up)
+            silu_mul(gate_up.data_ptr(), act.data_ptr(), t, self.intermediate)
+            down = mm(act, layer.down)
+            add_rmsnorm(residual.data_ptr(), down.data_ptr(), layer.next_norm, x.data_ptr(), t, hidden, eps)
         self.steps += 1
         idx = ctx.logits_indices
-        return self.model.logits_proj(x if b == t else x[idx]).float()
+        return self.logits(x if b == t else x[idx].contiguous()).float()

@@ -12,12 +12,22 @@ two on every row of a step, decode_attention on its decode rows):
                 RoPE, the new k/v written into the paged pool, then attention over the sequence's slots
                 read in place through its row of the page table (no gather, no padding)
 
-Activations between matmuls are bfloat16 (the matmuls' dtype); everything is computed in float32 and
-rounded to bfloat16 once (round to nearest even, as torch's .to(torch.bfloat16)). The residual stream
-and the KV pool are float32. Loops over sequences and heads run on OpenMP threads when the library is
+Each of them comes twice: with bfloat16 activations between the matmuls (the `amx` path, whose
+oneDNN matmuls take and give bfloat16; computed in float32 and rounded once, to nearest even, as
+torch's .to(torch.bfloat16)) and with float32 ones (suffix _f32: the `avx512` / `avx2` paths, whose
+matmuls are the weight-streaming kernels at the end of this file). The residual stream and the KV
+pool are float32 in both.
+
+  gemm_q4_1, gemm_q8_0, gemm_bf16, gemm_f32
+                y[B, N] = x[B, K] @ W[N, K]^T (+ bias) for float32 x and y and a weight stored as GGUF
+                Q4_1 / Q8_0 blocks, bfloat16 or float32, widened to float32 in registers (see below)
+
+The file is compiled once per ISA (-mavx512f... or -mavx2 -mfma, see cpu_kernels.py): the vector
+code below is written with GCC vector extensions whose width follows the ISA it is built for. Loops over sequences and heads run on OpenMP threads when the library is
 built against the OpenMP runtime torch itself uses (one thread pool for both; see cpu_kernels.py).
 */
 #include <math.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -33,6 +43,18 @@ static inline uint16_t f32_to_bf16(float f) {
     memcpy(&u, &f, 4);
     u += 0x7FFFu + ((u >> 16) & 1u); /* round to nearest, ties to even */
     return (uint16_t)(u >> 16);
+}
+
+/* An activation element: bfloat16 (bf = 1) or float32 (bf = 0); `bf` is a constant at every call
+   site, so each exported kernel is specialized for one of them. */
+static inline __attribute__((always_inline)) float ld_act(const void *p, int64_t i, int bf) {
+    return bf ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline __attribute__((always_inline)) void st_act(void *p, int64_t i, float v, int bf) {
+    if (bf)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
 }
 
 /* e^x to ~2e-7 relative (Cephes' exp2f polynomial): unlike libm's expf it vectorizes at any width. */
@@ -67,36 +89,62 @@ static void rmsnorm_inplace(float *x, const float *w, int64_t n, float eps) {
     for (int64_t i = 0; i < n; i++) x[i] = x[i] * inv * w[i];
 }
 
-/* residual [T, D] float32 (updated in place); delta [T, D] bfloat16 or NULL; w [D]; out [T, D] bf16 */
-void add_rmsnorm(float *residual, const uint16_t *delta, const float *w, uint16_t *out, int64_t T, int64_t D,
-                 float eps) {
-#pragma omp parallel for schedule(static) if (T * D >= 16384)
+/* The *_impl bodies take `bf` and hold only orphaned `omp for` loops; each exported kernel opens the
+   parallel region itself and calls its body with a constant `bf`. (gcc outlines a parallel region
+   before it inlines: a region inside the body would be compiled once, with `bf` a runtime value.) */
+
+/* residual [T, D] float32 (updated in place); delta [T, D] or NULL; w [D]; out [T, D]; delta and out
+   bfloat16 (add_rmsnorm) or float32 (add_rmsnorm_f32) */
+static inline __attribute__((always_inline)) void add_rmsnorm_impl(float *residual, const void *delta,
+                                                                   const float *w, void *out, int64_t T,
+                                                                   int64_t D, float eps, int bf) {
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         float *r = residual + t * D;
-        uint16_t *o = out + t * D;
         if (delta) {
-            const uint16_t *d = delta + t * D;
 #pragma omp simd
-            for (int64_t i = 0; i < D; i++) r[i] += bf16_to_f32(d[i]);
+            for (int64_t i = 0; i < D; i++) r[i] += ld_act(delta, t * D + i, bf);
         }
         const float inv = rms_scale(r, D, eps);
 #pragma omp simd
-        for (int64_t i = 0; i < D; i++) o[i] = f32_to_bf16(r[i] * inv * w[i]);
+        for (int64_t i = 0; i < D; i++) st_act(out, t * D + i, r[i] * inv * w[i], bf);
     }
 }
 
-/* gate_up [T, 2I] bf16 (gate | up); out [T, I] bf16 */
-void silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t T, int64_t I) {
-#pragma omp parallel for schedule(static) if (T * I >= 16384)
+void add_rmsnorm(float *residual, const uint16_t *delta, const float *w, uint16_t *out, int64_t T, int64_t D,
+                 float eps) {
+#pragma omp parallel if (T * D >= 16384)
+    add_rmsnorm_impl(residual, delta, w, out, T, D, eps, 1);
+}
+
+void add_rmsnorm_f32(float *residual, const float *delta, const float *w, float *out, int64_t T, int64_t D,
+                     float eps) {
+#pragma omp parallel if (T * D >= 16384)
+    add_rmsnorm_impl(residual, delta, w, out, T, D, eps, 0);
+}
+
+/* gate_up [T, 2I] (gate | up); out [T, I]: bfloat16 (silu_mul) or float32 (silu_mul_f32) */
+static inline __attribute__((always_inline)) void silu_mul_impl(const void *gate_up, void *out, int64_t T,
+                                                                int64_t I, int bf) {
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
-        const uint16_t *g = gate_up + t * 2 * I, *u = g + I;
-        uint16_t *o = out + t * I;
+        const int64_t g = t * 2 * I, u = g + I;
 #pragma omp simd
         for (int64_t i = 0; i < I; i++) {
-            const float x = bf16_to_f32(g[i]);
-            o[i] = f32_to_bf16(x / (1.f + exp_fast(-x)) * bf16_to_f32(u[i]));
+            const float x = ld_act(gate_up, g + i, bf);
+            st_act(out, t * I + i, x / (1.f + exp_fast(-x)) * ld_act(gate_up, u + i, bf), bf);
         }
     }
+}
+
+void silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t T, int64_t I) {
+#pragma omp parallel if (T * I >= 16384)
+    silu_mul_impl(gate_up, out, T, I, 1);
+}
+
+void silu_mul_f32(const float *gate_up, float *out, int64_t T, int64_t I) {
+#pragma omp parallel if (T * I >= 16384)
+    silu_mul_impl(gate_up, out, T, I, 0);
 }
 
 /* x [D] float32, rotated in place (neox style); cs = cos|cos then -sin|sin, 2 * D floats */
@@ -122,7 +170,7 @@ static inline void prefetch_row(const float *row, int64_t D) {
 static inline __attribute__((always_inline)) void attend(const float *qg, const float *k_pool,
                                                          const float *v_pool, const int64_t *slots, int64_t L,
                                                          int64_t kv_off, int64_t kv_row, float *scores,
-                                                         uint16_t *out, int64_t G, int64_t D, float scale) {
+                                                         void *out, int64_t G, int64_t D, float scale, int bf) {
     for (int64_t l = 0; l < L; l++) {
         const float *kr = k_pool + slots[l] * kv_row + kv_off;
         if (l + PREFETCH < L) prefetch_row(k_pool + slots[l + PREFETCH] * kv_row + kv_off, D);
@@ -162,39 +210,40 @@ static inline __attribute__((always_inline)) void attend(const float *qg, const 
     }
     for (int64_t g = 0; g < G; g++) {
 #pragma omp simd
-        for (int64_t i = 0; i < D; i++) out[g * D + i] = f32_to_bf16(acc[g * D + i]);
+        for (int64_t i = 0; i < D; i++) st_act(out, g * D + i, acc[g * D + i], bf);
     }
 }
 
 /*
- qkv      [B, (H + 2 Hkv) D] bf16: q heads | k heads | v heads, the qkv matmul's output
+ qkv      [B, (H + 2 Hkv) D] bf16 (f32 for decode_attention_f32): q heads | k heads | v heads, the
+          qkv matmul's output
  q_norm_w, k_norm_w [D] or NULL (Qwen3's per-head RMSNorm before RoPE)
  cos_sin  [max_pos, 2, D] float32; positions [B]
  k_pool, v_pool [slots, Hkv, D] float32; write_slots [B]: where this step's k/v go
  table    [B, table_stride]: table[b, l] is the slot of token l of sequence b; lens [B] (this token included)
- out      [B, H D] bf16
+ out      [B, H D] bf16 (f32 for decode_attention_f32)
  scratch  float32, at least B * H * (D + table_stride) floats
  Query heads h = kv * G + g share kv head `kv` (grouped-query attention). Two parallel loops: first
  every sequence's q/k/v (the new k/v land in the pool), then the (sequence, kv head) pairs.
 */
-void decode_attention(const uint16_t *qkv, const float *q_norm_w, const float *k_norm_w, float eps,
-                      const float *cos_sin, const int64_t *positions, float *k_pool, float *v_pool,
-                      const int64_t *write_slots, const int64_t *table, int64_t table_stride, const int64_t *lens,
-                      uint16_t *out, float *scratch, int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale) {
+static inline __attribute__((always_inline)) void decode_attention_impl(
+    const void *qkv, const float *q_norm_w, const float *k_norm_w, float eps, const float *cos_sin,
+    const int64_t *positions, float *k_pool, float *v_pool, const int64_t *write_slots, const int64_t *table,
+    int64_t table_stride, const int64_t *lens, void *out, float *scratch, int64_t B, int64_t H, int64_t Hkv,
+    int64_t D, float scale, int bf) {
     const int64_t G = H / Hkv, width = (H + 2 * Hkv) * D, kv_row = Hkv * D;
     float *q_all = scratch;               /* [B, H, D] */
     float *scores_all = scratch + B * H * D; /* [B, H, table_stride] */
-#pragma omp parallel
     {
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) {
-            const uint16_t *src = qkv + b * width;
+            const int64_t src = b * width;
             float *q = q_all + b * H * D;
             float *k_new = k_pool + write_slots[b] * kv_row, *v_new = v_pool + write_slots[b] * kv_row;
-            for (int64_t i = 0; i < H * D; i++) q[i] = bf16_to_f32(src[i]);
+            for (int64_t i = 0; i < H * D; i++) q[i] = ld_act(qkv, src + i, bf);
             for (int64_t i = 0; i < kv_row; i++) {
-                k_new[i] = bf16_to_f32(src[H * D + i]);
-                v_new[i] = bf16_to_f32(src[H * D + kv_row + i]);
+                k_new[i] = ld_act(qkv, src + H * D + i, bf);
+                v_new[i] = ld_act(qkv, src + H * D + kv_row + i, bf);
             }
             const float *cs = cos_sin + positions[b] * 2 * D;
             for (int64_t h = 0; h < H; h++) {
@@ -211,15 +260,274 @@ void decode_attention(const uint16_t *qkv, const float *q_norm_w, const float *k
             const int64_t b = item / Hkv, kv = item % Hkv;
             const float *qg = q_all + (b * H + kv * G) * D;
             float *scores = scores_all + (b * H + kv * G) * table_stride;
-            uint16_t *o = out + b * H * D + kv * G * D;
+            const int64_t o_off = b * H * D + kv * G * D;
+            void *o = bf ? (void *)((uint16_t *)out + o_off) : (void *)((float *)out + o_off);
             const int64_t *slots = table + b * table_stride;
             /* constant head dims let the compiler unroll the dot products */
             if (D == 64)
-                attend(qg, k_pool, v_pool, slots, lens[b], kv * D, kv_row, scores, o, G, 64, scale);
+                attend(qg, k_pool, v_pool, slots, lens[b], kv * D, kv_row, scores, o, G, 64, scale, bf);
             else if (D == 128)
-                attend(qg, k_pool, v_pool, slots, lens[b], kv * D, kv_row, scores, o, G, 128, scale);
+                attend(qg, k_pool, v_pool, slots, lens[b], kv * D, kv_row, scores, o, G, 128, scale, bf);
             else
-                attend(qg, k_pool, v_pool, slots, lens[b], kv * D, kv_row, scores, o, G, D, scale);
+                attend(qg, k_pool, v_pool, slots, lens[b], kv * D, kv_row, scores, o, G, D, scale, bf);
         }
     }
+}
+
+void decode_attention(const uint16_t *qkv, const float *q_norm_w, const float *k_norm_w, float eps,
+                      const float *cos_sin, const int64_t *positions, float *k_pool, float *v_pool,
+                      const int64_t *write_slots, const int64_t *table, int64_t table_stride, const int64_t *lens,
+                      uint16_t *out, float *scratch, int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale) {
+#pragma omp parallel
+    decode_attention_impl(qkv, q_norm_w, k_norm_w, eps, cos_sin, positions, k_pool, v_pool, write_slots, table,
+                          table_stride, lens, out, scratch, B, H, Hkv, D, scale, 1);
+}
+
+void decode_attention_f32(const float *qkv, const float *q_norm_w, const float *k_norm_w, float eps,
+                          const float *cos_sin, const int64_t *positions, float *k_pool, float *v_pool,
+                          const int64_t *write_slots, const int64_t *table, int64_t table_stride,
+                          const int64_t *lens, float *out, float *scratch, int64_t B, int64_t H, int64_t Hkv,
+                          int64_t D, float scale) {
+#pragma omp parallel
+    decode_attention_impl(qkv, q_norm_w, k_norm_w, eps, cos_sin, positions, k_pool, v_pool, write_slots, table,
+                          table_stride, lens, out, scratch, B, H, Hkv, D, scale, 0);
+}
+
+/* ------------------------------------------------------------------ weight-streaming matmuls
+
+   y[B, N] = x[B, K] @ W[N, K]^T (+ bias[N]), x and y float32, for the few rows of a decode step (a
+   prompt chunk goes to torch's GEMM). A decode step of a small model reads every weight once for a
+   handful of rows, so its speed is that of the weight stream: these kernels read W in a compact
+   format and widen it to float32 in registers. Each row of W is K/32 blocks of 32 weights:
+
+     q4_1   GGUF Q4_1, 20 bytes: fp16 d, fp16 m, 16 bytes of 4-bit q (low nibbles are weights 0..15,
+            high nibbles 16..31); w = d * q + m
+     q8_0   GGUF Q8_0, 34 bytes: fp16 d, 32 int8 q; w = d * q
+     bf16   64 bytes, w = the bfloat16 widened;  f32  128 bytes
+
+   The float32 weights are those gguf-py's dequantization computes (d * q rounded, then + m rounded:
+   no fused multiply-add there), so the products are those of the dequantized float32 model; only the
+   order of the sums differs from a float32 GEMM. Threads split W into panels of NR rows; each panel
+   is widened once into a float32 buffer (L1-resident), then every BR rows of x are multiplied by it
+   with NR x BR vector accumulators, so at batch 16 the dequantization is paid once per weight and
+   the loop is FMAs fed from L1. */
+
+/* NR x BR accumulators + NR weight vectors + BR input vectors fit the vector registers (32 with
+   AVX-512, 16 with AVX2), so each k step loads every operand once */
+#if defined(__AVX512F__)
+#define VL 16
+#define NR 4
+#define BR 4
+#elif defined(__AVX__)
+#define VL 8
+#define NR 2
+#define BR 4
+#else
+#define VL 4
+#define NR 2
+#define BR 2
+#endif
+#define NV (32 / VL) /* vectors per block of 32 weights */
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+typedef uint8_t vu8 __attribute__((vector_size(VL)));
+typedef int8_t vi8 __attribute__((vector_size(VL)));
+typedef uint16_t vu16 __attribute__((vector_size(VL * 2)));
+
+enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_Q8_0 = 2, FMT_Q4_1 = 3 };
+
+static inline int64_t fmt_row_bytes(int fmt, int64_t K) {
+    switch (fmt) {
+    case FMT_Q4_1: return K / 32 * 20;
+    case FMT_Q8_0: return K / 32 * 34;
+    case FMT_BF16: return K * 2;
+    default: return K * 4;
+    }
+}
+
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float fp16_to_f32(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+#else
+static inline float fp16_to_f32(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+    uint32_t u;
+    if (exp == 0x1F) {
+        u = sign | 0x7F800000u | (man << 13); /* inf, nan */
+    } else if (exp) {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    } else { /* zero or subnormal: man * 2^-24, exact in float32 */
+        float f = (float)man * 5.9604644775390625e-8f;
+        memcpy(&u, &f, 4);
+        u |= sign;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+#endif
+
+/* An empty asm that "changes" v: keeps the compiler from fusing a multiply with the add after it
+   (gguf-py rounds both), and from folding a register operand back into a memory load. */
+#if defined(__x86_64__) || defined(__i386__)
+#define NO_CONTRACT(v) __asm__("" : "+x"(v))
+#elif defined(__aarch64__)
+#define NO_CONTRACT(v) __asm__("" : "+w"(v))
+#else
+#define NO_CONTRACT(v) __asm__ volatile("" ::: "memory")
+#endif
+
+/* Block `blk` of a weight row, widened into 32 floats at dst. */
+static inline __attribute__((always_inline)) void widen_block(int fmt, const uint8_t *row, int64_t blk, float *dst) {
+    if (fmt == FMT_Q4_1) {
+        const uint8_t *b = row + blk * 20;
+        const vf d = (vf){} + fp16_to_f32(b), m = (vf){} + fp16_to_f32(b + 2);
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; j++) {
+            vu8 q8;
+            memcpy(&q8, b + 4 + (j % (NV / 2)) * VL, VL);
+            vi q = __builtin_convertvector(q8, vi);
+            q = j < NV / 2 ? (q & 15) : (q >> 4);
+            vf w = __builtin_convertvector(q, vf) * d;
+            NO_CONTRACT(w);
+            w = w + m;
+            memcpy(dst + j * VL, &w, sizeof w);
+        }
+    } else if (fmt == FMT_Q8_0) {
+        const uint8_t *b = row + blk * 34;
+        const vf d = (vf){} + fp16_to_f32(b);
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; j++) {
+            vi8 q8;
+            memcpy(&q8, b + 2 + j * VL, VL);
+            const vf w = __builtin_convertvector(q8, vf) * d;
+            memcpy(dst + j * VL, &w, sizeof w);
+        }
+    } else if (fmt == FMT_BF16) {
+        const uint8_t *b = row + blk * 64;
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; j++) {
+            vu16 h;
+            memcpy(&h, b + j * VL * 2, VL * 2);
+            const vu u = __builtin_convertvector(h, vu) << 16;
+            memcpy(dst + j * VL, &u, sizeof u);
+        }
+    } else {
+        memcpy(dst, row + blk * 128, 128);
+    }
+}
+
+static inline vf load_vf(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline float hsum(vf v) {
+    float s = 0.f;
+    for (int i = 0; i < VL; i++) s += v[i];
+    return s;
+}
+
+/* y[b, n0 + n] for n < nr, b < br: the panel w [NR, K] (float32) times rows x [br, K] */
+static inline __attribute__((always_inline)) void panel_tile(const float *w, const float *x, int64_t K, float *y,
+                                                             int64_t ldy, int64_t nr, int br, const float *bias) {
+    vf acc[NR][BR];
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; n++)
+#pragma GCC unroll 8
+        for (int b = 0; b < BR; b++) acc[n][b] = (vf){};
+    for (int64_t k = 0; k < K; k += VL) {
+        vf wv[NR], xv[BR];
+        /* in registers, not re-read by every FMA: that would make the loop load-bound */
+#pragma GCC unroll 8
+        for (int n = 0; n < NR; n++) {
+            wv[n] = load_vf(w + n * K + k);
+            NO_CONTRACT(wv[n]);
+        }
+#pragma GCC unroll 8
+        for (int b = 0; b < BR; b++) {
+            if (b < br) {
+                xv[b] = load_vf(x + b * K + k);
+                NO_CONTRACT(xv[b]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int b = 0; b < BR; b++)
+            if (b < br)
+#pragma GCC unroll 8
+                for (int n = 0; n < NR; n++) acc[n][b] += wv[n] * xv[b];
+    }
+    for (int b = 0; b < br; b++)
+        for (int64_t n = 0; n < nr; n++) y[b * ldy + n] = hsum(acc[n][b]) + (bias ? bias[n] : 0.f);
+}
+
+static inline __attribute__((always_inline)) void gemm_impl(int fmt, const uint8_t *W, const float *x, float *y,
+                                                            const float *bias, int64_t B, int64_t K, int64_t N) {
+    const int64_t row_bytes = fmt_row_bytes(fmt, K), panels = (N + NR - 1) / NR, blocks = K / 32;
+    {
+        float *wbuf = aligned_alloc(64, (size_t)(NR * K * sizeof(float) + 63) / 64 * 64);
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            const int64_t n0 = p * NR, nr = N - n0 < NR ? N - n0 : NR;
+            for (int64_t n = 0; n < NR; n++) {
+                if (n < nr) {
+                    const uint8_t *row = W + (n0 + n) * row_bytes;
+                    for (int64_t blk = 0; blk < blocks; blk++) widen_block(fmt, row, blk, wbuf + n * K + blk * 32);
+                } else {
+                    memset(wbuf + n * K, 0, K * sizeof(float)); /* past the last row: zeros, not stored */
+                }
+            }
+            const float *pb = bias ? bias + n0 : NULL;
+            int64_t b0 = 0;
+            for (; b0 + BR <= B; b0 += BR) panel_tile(wbuf, x + b0 * K, K, y + b0 * N + n0, N, nr, BR, pb);
+            switch (B - b0) { /* constant row counts: the tile's loops unroll */
+#if BR > 3
+            case 3: panel_tile(wbuf, x + b0 * K, K, y + b0 * N + n0, N, nr, 3, pb); break;
+#endif
+            case 2: panel_tile(wbuf, x + b0 * K, K, y + b0 * N + n0, N, nr, 2, pb); break;
+            case 1: panel_tile(wbuf, x + b0 * K, K, y + b0 * N + n0, N, nr, 1, pb); break;
+            default: break;
+            }
+        }
+        free(wbuf);
+    }
+}
+
+/* W: N rows of K/32 blocks in the format of the name; x [B, K], y [B, N] float32; bias [N] or NULL.
+   K must be a multiple of 32 (checked by the caller). */
+void gemm_q4_1(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) {
+#pragma omp parallel
+    gemm_impl(FMT_Q4_1, W, x, y, bias, B, K, N);
+}
+void gemm_q8_0(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) {
+#pragma omp parallel
+    gemm_impl(FMT_Q8_0, W, x, y, bias, B, K, N);
+}
+void gemm_bf16(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) {
+#pragma omp parallel
+    gemm_impl(FMT_BF16, W, x, y, bias, B, K, N);
+}
+void gemm_f32(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) {
+#pragma omp parallel
+    gemm_impl(FMT_F32, W, x, y, bias, B, K, N);
+}
+
+/* The ISA this file was built for, so the loader can check it got the build it asked for. */
+int kernels_vector_bits(void) { return VL * 32; }
+
+/* out [N, K] float32: the weights of W (N rows in format fmt, FMT_* above), as the matmuls see them */
+void widen_rows(int fmt, const uint8_t *W, float *out, int64_t N, int64_t K) {
+    const int64_t row_bytes = fmt_row_bytes(fmt, K), blocks = K / 32;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t blk = 0; blk < blocks; blk++) widen_block(fmt, W + n * row_bytes, blk, out + n * K + blk * 32);
 }

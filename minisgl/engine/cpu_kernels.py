@@ -1,9 +1,11 @@
 """Build and load `cpu_kernels.c`, the fused CPU kernels of `cpu_forward.py`, through ctypes.
 
-The C file has no dependency but libm: it is compiled once per source and machine with the system C
-compiler (`cc -O3 -march=native`, about a second) into the kernels/ folder of mini-sglang's cache
-(~/.cache/mini-sglang, or $MINISGL_CACHE_DIR) and loaded with ctypes, which passes raw pointers and
-releases the GIL. No torch headers, no pybind11, no build step at install time. Where no compiler is
+The C file has no dependency but libm: it is compiled once per source, machine and ISA with the
+system C compiler (`cc -O3` plus the ISA's flags: -mavx512f... for `avx512`, -mavx2 -mfma for `avx2`;
+about two seconds) into the kernels/ folder of mini-sglang's cache (~/.cache/mini-sglang, or
+$MINISGL_CACHE_DIR) and loaded with ctypes, which passes raw pointers and releases the GIL. The same
+source builds for either ISA (its vector code follows the width the flags allow); cpu_isa.py picks
+which one a process uses. No torch headers, no pybind11, no build step at install time. Where no compiler is
 found (or the build fails) `load_cpu_kernels()` returns None and the engine keeps its torch ops.
 
 Threads: when torch runs on GNU OpenMP (the Linux wheels load their own libgomp.so.1) the library is
@@ -39,10 +41,17 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # -ffast-math's parts that the loops need (reassociation: ~1.4x on the attention), not -ffast-math
 # itself: gcc < 13 then links crtfastmath.o, whose constructor turns on flush-to-zero for the whole
 # process at load time.
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
           "-freciprocal-math", "-fPIC", "-shared"]
-if platform.machine() in ("x86_64", "AMD64"):
-    CFLAGS.append("-mprefer-vector-width=512")  # gcc picks 256-bit vectors by default even with AVX-512
+# The instruction sets a build may use: each is a subset of what cpu_isa.py checked the CPU has.
+# -mtune=native only schedules instructions for this CPU; it never adds any.
+ISA_FLAGS = {
+    # gcc picks 256-bit vectors by default even with AVX-512
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-mprefer-vector-width=512", "-mtune=native"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-mtune=native"],
+}
+VECTOR_BITS = {"avx512": 512, "avx2": 256}
 MAX_HEAD_DIM = 256  # the C kernel's stack buffers
 MAX_GROUP = 8  # query heads per kv head
 
@@ -109,32 +118,83 @@ class CpuKernels:
     checks: for a caller that validated its tensors once, like FusedCpuForward's per-layer loop); the
     methods below check every tensor first."""
 
-    def __init__(self, lib: ctypes.CDLL, threaded: bool) -> None:
+    def __init__(self, lib: ctypes.CDLL, threaded: bool, isa: str) -> None:
         self.threaded = threaded  # built against torch's OpenMP pool
+        self.isa = isa
         self.raw = lib
-        lib.add_rmsnorm.argtypes = [_P, _P, _P, _P, _I, _I, _F]
-        lib.silu_mul.argtypes = [_P, _P, _I, _I]
-        lib.decode_attention.argtypes = [_P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I, _F]
-        for fn in (lib.add_rmsnorm, lib.silu_mul, lib.decode_attention):
+        for suffix in ("", "_f32"):
+            getattr(lib, "add_rmsnorm" + suffix).argtypes = [_P, _P, _P, _P, _I, _I, _F]
+            getattr(lib, "silu_mul" + suffix).argtypes = [_P, _P, _I, _I]
+            getattr(lib, "decode_attention" + suffix).argtypes = [_P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _I, _P, _P,
+                                                                  _P, _I, _I, _I, _I, _F]
+            for name in ("add_rmsnorm", "silu_mul", "decode_attention"):
+                getattr(lib, name + suffix).restype = None
+        for fmt in WEIGHT_FORMATS:
+            fn = getattr(lib, "gemm_" + fmt)
+            fn.argtypes = [_P, _P, _P, _P, _I, _I, _I]
             fn.restype = None
+        lib.widen_rows.argtypes = [ctypes.c_int, _P, _P, _I, _I]
+        lib.widen_rows.restype = None
+        lib.kernels_vector_bits.restype = ctypes.c_int
+        if lib.kernels_vector_bits() != VECTOR_BITS[isa]:
+            raise OSError(f"the {isa} build of the CPU kernels uses {lib.kernels_vector_bits()}-bit vectors")
+
+    @staticmethod
+    def _act(t: torch.Tensor) -> tuple[torch.dtype, str]:
+        """The activation dtype of a call (bfloat16: the amx path's kernels; float32: the _f32 ones)."""
+        if t.dtype == torch.bfloat16:
+            return torch.bfloat16, ""
+        if t.dtype == torch.float32:
+            return torch.float32, "_f32"
+        raise ValueError(f"kernel activations are bfloat16 or float32, not {t.dtype}")
+
+    def widen(self, fmt: str, weight: torch.Tensor, k: int) -> torch.Tensor:
+        """The float32 weights [n, k] the matmuls compute with, of `weight` [n, row bytes] in `fmt`."""
+        n = weight.shape[0]
+        if fmt not in WEIGHT_FORMATS or k % 32:
+            raise ValueError(f"cannot widen {fmt!r} weights of {k} columns")
+        _check(weight, torch.uint8, (n, weight_row_bytes(fmt, k)))
+        out = torch.empty(n, k, dtype=torch.float32)
+        self.raw.widen_rows(WEIGHT_FORMATS.index(fmt), weight.data_ptr(), out.data_ptr(), n, k)
+        return out
+
+    def gemm(self, fmt: str, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, n: int,
+             bias: torch.Tensor | None = None) -> None:
+        """out[B, n] = x[B, K] @ W^T (+ bias) for a weight of n rows stored as `fmt` (WEIGHT_FORMATS)
+        in the uint8 tensor `weight` [n, row bytes]."""
+        b, k = x.shape
+        if fmt not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+        if k % 32:
+            raise ValueError(f"the weight kernels need an input size divisible by 32, got {k}")
+        _check(x, torch.float32, (b, k))
+        _check(weight, torch.uint8, (n, weight_row_bytes(fmt, k)))
+        _check(out, torch.float32, (b, n))
+        if bias is not None:
+            _check(bias, torch.float32, (n,))
+        getattr(self.raw, "gemm_" + fmt)(weight.data_ptr(), x.data_ptr(), out.data_ptr(), _ptr(bias), b, k, n)
 
     def add_rmsnorm(self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                     out: torch.Tensor, eps: float) -> None:
-        """residual += delta (if given); out = bfloat16(rmsnorm(residual) * weight)."""
+        """residual += delta (if given); out = rmsnorm(residual) * weight, in out's dtype (bfloat16 or
+        float32; delta's must be the same)."""
         t, d = residual.shape
+        act, suffix = self._act(out)
         _check(residual, torch.float32, (t, d))
         _check(weight, torch.float32, (d,))
-        _check(out, torch.bfloat16, (t, d))
+        _check(out, act, (t, d))
         if delta is not None:
-            _check(delta, torch.bfloat16, (t, d))
-        self.raw.add_rmsnorm(residual.data_ptr(), _ptr(delta), weight.data_ptr(), out.data_ptr(), t, d, eps)
+            _check(delta, act, (t, d))
+        getattr(self.raw, "add_rmsnorm" + suffix)(residual.data_ptr(), _ptr(delta), weight.data_ptr(),
+                                                  out.data_ptr(), t, d, eps)
 
     def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor) -> None:
-        """out = bfloat16(silu(gate) * up) for gate_up = [gate | up] along the last dim."""
+        """out = silu(gate) * up for gate_up = [gate | up] along the last dim (bfloat16 or float32)."""
         t, i = out.shape
-        _check(gate_up, torch.bfloat16, (t, 2 * i))
-        _check(out, torch.bfloat16, (t, i))
-        self.raw.silu_mul(gate_up.data_ptr(), out.data_ptr(), t, i)
+        act, suffix = self._act(out)
+        _check(gate_up, act, (t, 2 * i))
+        _check(out, act, (t, i))
+        getattr(self.raw, "silu_mul" + suffix)(gate_up.data_ptr(), out.data_ptr(), t, i)
 
     def decode_attention(self, qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                          eps: float, cos_sin: torch.Tensor, positions: torch.Tensor, k_pool: torch.Tensor,
@@ -145,22 +205,31 @@ class CpuKernels:
         least attention_scratch_size(...) float32s."""
         b = qkv.shape[0]
         slots, n_kv, d = k_pool.shape
+        act, suffix = self._act(qkv)
         check_attention_shape(num_heads, n_kv, d)
-        _check(qkv, torch.bfloat16, (b, (num_heads + 2 * n_kv) * d))
+        _check(qkv, act, (b, (num_heads + 2 * n_kv) * d))
         _check(cos_sin, torch.float32, (cos_sin.shape[0], 2, d))
         _check(k_pool, torch.float32, (slots, n_kv, d))
         _check(v_pool, torch.float32, (slots, n_kv, d))
         check_decode_batch(positions, write_slots, table, lens, slots, cos_sin.shape[0])
-        _check(out, torch.bfloat16, (b, num_heads * d))
+        _check(out, act, (b, num_heads * d))
         for norm in (q_norm, k_norm):
             if norm is not None:
                 _check(norm, torch.float32, (d,))
         if scratch.dtype != torch.float32 or scratch.numel() < attention_scratch_size(b, num_heads, d, table.shape[1]):
             raise ValueError("attention scratch too small")
-        self.raw.decode_attention(
+        getattr(self.raw, "decode_attention" + suffix)(
             qkv.data_ptr(), _ptr(q_norm), _ptr(k_norm), eps, cos_sin.data_ptr(), positions.data_ptr(),
             k_pool.data_ptr(), v_pool.data_ptr(), write_slots.data_ptr(), table.data_ptr(), table.shape[1],
             lens.data_ptr(), out.data_ptr(), scratch.data_ptr(), b, num_heads, n_kv, d, d ** -0.5)
+
+
+WEIGHT_FORMATS = ("f32", "bf16", "q8_0", "q4_1")  # in the order of cpu_kernels.c's FMT_* ids
+_BLOCK_BYTES = {"f32": 128, "bf16": 64, "q8_0": 34, "q4_1": 20}  # per 32 weights
+
+
+def weight_row_bytes(fmt: str, k: int) -> int:
+    return k // 32 * _BLOCK_BYTES[fmt]
 
 
 def attention_scratch_size(batch: int, num_heads: int, head_dim: int, table_len: int) -> int:
@@ -204,12 +273,22 @@ def _check(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
                          f"{t.dtype} {tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})")
 
 
-@lru_cache(maxsize=1)
-def load_cpu_kernels() -> CpuKernels | None:
-    """The kernels, built on first use; None where they cannot be built here, or with
-    MINISGL_CPU_KERNELS=0."""
+@lru_cache(maxsize=None)
+def load_cpu_kernels(isa: str | None = None) -> CpuKernels | None:
+    """The kernels built for `isa` (avx512 or avx2; None: what cpu_isa.kernel_isa() says this CPU runs),
+    built on first use; None where they cannot be built here, or with MINISGL_CPU_KERNELS=0. The
+    caller makes sure the CPU has the ISA (cpu_isa.py): a build for one it lacks would crash on its
+    first vector instruction."""
     if switched_off(os.environ.get("MINISGL_CPU_KERNELS", "1")):
         return None
+    if isa is None:
+        from minisgl.engine.cpu_isa import kernel_isa
+
+        isa = kernel_isa()
+        if isa is None:
+            return None
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"no CPU kernel build for ISA {isa!r}; choose one of {', '.join(ISA_FLAGS)}")
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         log.warning("no C compiler found: the CPU forward runs with plain torch ops")
@@ -220,9 +299,9 @@ def load_cpu_kernels() -> CpuKernels | None:
     variants = [True, False] if torch_uses_libgomp() else [False]
     detail: object = ""
     for threaded in variants:
-        flags = CFLAGS + [openmp if threaded else "-fopenmp-simd"]
+        flags = CFLAGS + ISA_FLAGS[isa] + [openmp if threaded else "-fopenmp-simd"]
         try:
-            return CpuKernels(ctypes.CDLL(str(_build(compiler, version, flags))), threaded)
+            return CpuKernels(ctypes.CDLL(str(_build(compiler, version, flags))), threaded, isa)
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", "") or exc
     log.warning("could not build the CPU kernels (%s): the CPU forward runs with plain torch ops", detail)
