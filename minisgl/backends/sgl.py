@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from minisgl.backends.base import BackendConfig, EngineBackend, register_backend
-from minisgl.cache.kv_pool import kv_bytes_per_token, tokens_for_memory
+from minisgl.cache.kv_pool import free_memory_bytes, kv_bytes_per_token
 from minisgl.config import switched_off
 from minisgl.engine.engine import Engine, EngineConfig
 
@@ -37,6 +37,17 @@ log = logging.getLogger("minisgl.sgl_backend")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GRAPH_MAX_BS = 512
+
+
+# The KV pool takes the device's free memory after the weights, less a reserve for CUDA graphs, the
+# activations of an 8192-token prefill chunk and the allocator's slack.
+KV_RESERVE_BYTES = 6 * 2**30
+KV_RESERVE_FRACTION = 0.08
+
+
+def kv_tokens_for_device(device: torch.device, bytes_per_token: int) -> int:
+    free = free_memory_bytes(device)
+    return max(0, int(free - max(KV_RESERVE_BYTES, KV_RESERVE_FRACTION * free))) // bytes_per_token
 
 
 def kernel_path() -> tuple[str, str]:
@@ -79,11 +90,16 @@ class SGLEngine(Engine):
     """The engine with the sgl step: its own batch layout and context, and graph replay for decode."""
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 cuda_graph_max_bs: int = DEFAULT_GRAPH_MAX_BS, warm_kernels: bool = True) -> None:
+                 cuda_graph_max_bs: int = DEFAULT_GRAPH_MAX_BS, warm_kernels: bool = True, fused: bool = True,
+                 extend_kernel: bool = True) -> None:
         from minisgl.engine.cuda_graph import DecodeGraphs
         from minisgl.engine.triton_attention import decode_params
+        from minisgl.engine.triton_fused import install_fused
 
         super().__init__(model, config, device, dtype)
+        # fused Triton kernels in the model's layers (engine/triton_fused.py); before any graph capture
+        self.fused_modules = install_fused(model) if fused else 0
+        self.extend_kernel = extend_kernel  # prompt chunks through the paged extend kernel, else SDPA
         self.lm = model
         self.model = _ModelCall(self)  # type: ignore[assignment]
         self.step_kinds = {"graph": 0, "graph+eager": 0, "eager": 0}  # forwards run each way
@@ -157,6 +173,7 @@ class SGLEngine(Engine):
 
     def _eager_batch(self, decode, decode_slots, chunks):
         from minisgl.engine.triton_attention import Segment, SGLContext, prefix_mask
+        from minisgl.engine.triton_fused import extend_meta
 
         dev = self.device
         b = len(decode)
@@ -181,25 +198,34 @@ class SGLEngine(Engine):
                 logits_idx.append(start - 1)
                 sample_reqs.append(r)
         total, eb = start, _even(b)
-        # [rows | seq lens | ids | positions | logits indices]; rows and lens 16-byte aligned
+        meta: list[int] = []
+        blocks = segs = 0
+        if specs and self.extend_kernel:
+            meta, blocks, segs = extend_meta(specs)
+        # [rows | seq lens | ids | positions | logits indices | extend meta]; rows and lens 16-byte aligned
         host = torch.tensor(rows + [0] * (eb - b) + [p + 1 for p in pos] + [0] * (eb - b) + ids + positions
-                            + logits_idx, dtype=torch.int64, pin_memory=self._pin)
+                            + logits_idx + meta, dtype=torch.int64, pin_memory=self._pin)
         flat = host.to(dev, non_blocking=True)
         rows_t, lens_t = flat[:b], flat[eb:eb + b]
         ids_t = flat[2 * eb:2 * eb + total]
         pos_t = flat[2 * eb + total:2 * eb + 2 * total]
-        logits_t = flat[2 * eb + 2 * total:]
+        n_logits = len(logits_idx)
+        logits_t = flat[2 * eb + 2 * total:2 * eb + 2 * total + n_logits]
         if b:
             self.table[rows_t, pos_t[:b]] = decode_slots
         segments = []
-        for s, n, row, k0 in specs:
-            if k0:
-                segments.append(Segment(s, s + n, self.table[row, :k0 + n], prefix_mask(k0, n, self.group, dev)))
-            else:
-                segments.append(Segment(s, s + n, None))
+        extend = None
+        if meta:
+            extend = (flat[2 * eb + 2 * total + n_logits:], blocks, segs)
+        else:
+            for s, n, row, k0 in specs:
+                if k0:
+                    segments.append(Segment(s, s + n, self.table[row, :k0 + n], prefix_mask(k0, n, self.group, dev)))
+                else:
+                    segments.append(Segment(s, s + n, None))
         splits, block_n = self._params(b) if b else (1, 64)
         ctx = SGLContext(self.pool, torch.cat(write) if len(write) > 1 else write[0], logits_t, b, self.table,
-                         rows_t, lens_t, segments, splits, self.num_heads, block_n)
+                         rows_t, lens_t, segments, splits, self.num_heads, block_n, extend)
         return ids_t, pos_t, ctx, sample_reqs
 
 
@@ -237,21 +263,26 @@ class SGLBackend(EngineBackend):
         self.dtype = dtype
         max_len = config.max_model_len or mc.max_position_embeddings
         per_token = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
-        kv_tokens = config.kv_cache_tokens or min(tokens_for_memory(config.kv_memory_fraction, per_token, device),
-                                                  config.max_running * max_len)
+        kv_tokens = config.kv_cache_tokens or min(kv_tokens_for_device(device, per_token), config.max_running * max_len)
         if kv_tokens < 256:
             raise RuntimeError(f"not enough free GPU memory for a KV cache ({kv_tokens} tokens); "
                                "set kv_cache_tokens or free some memory")
         graphs_on = not switched_off(config.extra.get("cuda_graph", "1"))
         max_bs = int(config.extra.get("cuda_graph_max_bs", DEFAULT_GRAPH_MAX_BS)) if graphs_on else 0
+        fused = not switched_off(config.extra.get("fused", "1"))
+        extend = not switched_off(config.extra.get("extend_kernel", "1"))
         self.engine = SGLEngine(model, EngineConfig(
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             kv_tokens=kv_tokens, max_context_len=max_len, max_running=config.max_running,
-            chunk_size=config.chunk_size, narrate=config.narrate, seed=config.seed), device, dtype, max_bs)
+            chunk_size=config.chunk_size, narrate=config.narrate, seed=config.seed), device, dtype, max_bs,
+            fused=fused, extend_kernel=extend)
         g = self.engine.graphs
-        log.info("sgl backend: %s on %s (%s, %s), KV pool %d tokens (%.2f GiB), context %d, decode graphs %s",
+        log.info("sgl backend: %s on %s (%s, %s), KV pool %d tokens (%.2f GiB%s), context %d, max running %d, "
+                 "chunk %d, fused kernels %s, extend kernel %s, decode graphs %s",
                  mc.architecture, device, torch.cuda.get_device_name(device), dtype, kv_tokens,
-                 self.engine.pool.nbytes() / 2**30, self.engine.max_context_len,
+                 self.engine.pool.nbytes() / 2**30, "" if config.kv_cache_tokens else ", from free memory",
+                 self.engine.max_context_len, config.max_running, config.chunk_size,
+                 f"on ({self.engine.fused_modules} modules)" if fused else "off", "on" if extend else "off",
                  f"up to batch {g.max_bs} ({len(g.sizes)} sizes, {g.capture_s:.1f}s)" if g else "off")
 
     def shutdown(self) -> None:
