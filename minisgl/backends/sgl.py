@@ -13,12 +13,16 @@ What differs from the `torch` backend (same scheduling, radix cache, sampling):
 
 sgl_kernel is looked for and the kernel path is logged with the reason; no sgl_kernel path exists yet,
 so it is Triton either way. Options, through BackendConfig.extra: cuda_graph=0 turns the graphs off,
-cuda_graph_max_bs=N caps the largest captured batch (default min(max_running, 512)).
+cuda_graph_max_bs=N caps the largest captured batch (default min(max_running, 512)), fused=0 turns the
+fused Triton kernels off (torch ops between the matmuls), extend_kernel=0 runs prompt chunks through
+SDPA instead of the paged extend kernel. A server's workers read the same options from the environment
+as MINISGL_SGL_CUDA_GRAPH, MINISGL_SGL_FUSED, ... (A/B runs).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,6 +52,12 @@ KV_RESERVE_FRACTION = 0.08
 def kv_tokens_for_device(device: torch.device, bytes_per_token: int) -> int:
     free = free_memory_bytes(device)
     return max(0, int(free - max(KV_RESERVE_BYTES, KV_RESERVE_FRACTION * free))) // bytes_per_token
+
+
+def option(config: BackendConfig, name: str, default: str) -> str:
+    """A backend option: BackendConfig.extra (in-process callers), else env MINISGL_SGL_<NAME> (a server's
+    workers, for A/B runs), else the default."""
+    return config.extra.get(name, os.environ.get(f"MINISGL_SGL_{name.upper()}", default))
 
 
 def kernel_path() -> tuple[str, str]:
@@ -267,10 +277,10 @@ class SGLBackend(EngineBackend):
         if kv_tokens < 256:
             raise RuntimeError(f"not enough free GPU memory for a KV cache ({kv_tokens} tokens); "
                                "set kv_cache_tokens or free some memory")
-        graphs_on = not switched_off(config.extra.get("cuda_graph", "1"))
-        max_bs = int(config.extra.get("cuda_graph_max_bs", DEFAULT_GRAPH_MAX_BS)) if graphs_on else 0
-        fused = not switched_off(config.extra.get("fused", "1"))
-        extend = not switched_off(config.extra.get("extend_kernel", "1"))
+        graphs_on = not switched_off(option(config, "cuda_graph", "1"))
+        max_bs = int(option(config, "cuda_graph_max_bs", str(DEFAULT_GRAPH_MAX_BS))) if graphs_on else 0
+        fused = not switched_off(option(config, "fused", "1"))
+        extend = not switched_off(option(config, "extend_kernel", "1"))
         self.engine = SGLEngine(model, EngineConfig(
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             kv_tokens=kv_tokens, max_context_len=max_len, max_running=config.max_running,
