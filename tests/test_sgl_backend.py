@@ -126,7 +126,7 @@ TINY_QWEN3 = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hid
 
 
 @needs_triton
-@pytest.mark.parametrize("fused", [True, False], ids=["fused+extend", "plain+sdpa"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused+extend+overlap", "plain+sdpa+sync"])
 def test_sgl_engine_matches_torch_engine(tmp_path, fused) -> None:
     """Eager sgl steps (Triton decode, prefill through the paged extend kernel or SDPA, fused kernels or
     torch ops between the matmuls, its own batch layout) give the torch engine's greedy tokens through
@@ -163,7 +163,7 @@ def test_sgl_engine_matches_torch_engine(tmp_path, fused) -> None:
 
     want = run(Engine(model, ecfg, torch.device(DEVICE), torch.float32))
     sgl = SGLEngine(model, ecfg, torch.device(DEVICE), torch.float32, cuda_graph_max_bs=0, warm_kernels=False,
-                    fused=fused, extend_kernel=fused)
+                    fused=fused, extend_kernel=fused, overlap=fused)
     assert (sgl.fused_modules > 0) == fused
     got = run(sgl)
     assert got == want
@@ -334,3 +334,69 @@ def test_extend_attention_matches_reference(dtype) -> None:
         err = (out[start:start + n].double() - ref[start]).abs().max().item()
         assert err < tol, (start, err)
     assert out[:3].isnan().all()  # rows outside every chunk are left alone
+
+
+@needs_triton
+def test_overlap_scheduling_stops_aborts_and_preemption(tmp_path) -> None:
+    """Overlap scheduling (step N+1 launched before step N's tokens are read): requests that stop on a
+    stop id or at max_new_tokens while already in the next step drop that extra token and cache the right
+    KV (a later request reusing the prefix gets the torch engine's tokens); an abort with a token in
+    flight reports only delivered tokens; a small pool forces preemption."""
+    transformers = pytest.importorskip("transformers")
+    from minisgl.backends.sgl import SGLEngine
+    from minisgl.engine.engine import Engine, EngineConfig
+    from minisgl.messages import SamplingParams, TokenizedReq
+    from minisgl.models import load_model
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(**TINY_QWEN3)
+    cfg.architectures = ["Qwen3ForCausalLM"]
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    model = load_model(tmp_path, device=DEVICE, dtype=torch.float32)
+    mc = model.config
+    ecfg = EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+                        kv_tokens=48, max_context_len=40, max_running=4, chunk_size=16)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (4, 13, 22, 7)]
+
+    def run(engine, stops: dict[int, list[int]], abort_at: int | None = None):
+        tokens: dict[str, list[int]] = {}
+        finals: dict[str, object] = {}
+
+        def add(i: int, p: list[int]) -> None:
+            engine.add_request(TokenizedReq(rid=str(i), input_ids=p, arrival=0.0, params=SamplingParams(
+                max_new_tokens=12, ignore_eos=True, stop_token_ids=stops.get(i, []))))
+
+        for i, p in enumerate(prompts):
+            add(i, p)
+        steps = 0
+        while engine.has_work():
+            for item in engine.step().outputs:
+                tokens.setdefault(item.rid, []).extend(item.token_ids)
+                if item.finish_reason:
+                    finals[item.rid] = item
+            steps += 1
+            if steps == 3:  # the first prompt again, plus what it generated: a cached prefix to reuse
+                add(4, prompts[0] + tokens.get("0", [])[:2])
+            if abort_at is not None and steps == abort_at:
+                engine.abort("3")
+            assert steps < 400
+        return tokens, finals
+
+    ref, _ = run(Engine(model, ecfg, torch.device(DEVICE), torch.float32), {})
+    stops = {0: [ref["0"][3]], 2: [ref["2"][5]]}  # stop on a token each will produce
+    want, want_finals = run(Engine(model, ecfg, torch.device(DEVICE), torch.float32), stops)
+    sgl = SGLEngine(model, ecfg, torch.device(DEVICE), torch.float32, cuda_graph_max_bs=0, warm_kernels=False,
+                    overlap=True)
+    got, finals = run(sgl, stops)
+    assert got == want
+    assert finals["0"].finish_reason == "stop" and len(got["0"]) == want_finals["0"].completion_tokens
+    assert all(f.completion_tokens == len(got[rid]) for rid, f in finals.items())
+    assert sgl.preemptions > 0 and not sgl._unresolved and sgl._inflight is None
+    sgl2 = SGLEngine(model, ecfg, torch.device(DEVICE), torch.float32, cuda_graph_max_bs=0, warm_kernels=False,
+                     overlap=True)
+    got2, finals2 = run(sgl2, stops, abort_at=6)
+    assert finals2["3"].finish_reason == "abort"
+    assert finals2["3"].completion_tokens == len(got2.get("3", [])) < 12
+    assert got2["3"] == want["3"][:len(got2["3"])]
+    assert {k: v for k, v in got2.items() if k != "3"} == {k: v for k, v in want.items() if k != "3"}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,9 @@ import torch
 from minisgl.backends.base import BackendConfig, EngineBackend, register_backend
 from minisgl.cache.kv_pool import free_memory_bytes, kv_bytes_per_token
 from minisgl.config import switched_off
+from minisgl.backends.base import StepOutput
 from minisgl.engine.engine import Engine, EngineConfig
+from minisgl.engine.request import Req, Status
 
 if TYPE_CHECKING:  # the CUDA / Triton modules are imported only once a GPU is known to be there
     from minisgl.engine.cuda_graph import GraphStep
@@ -101,7 +104,7 @@ class SGLEngine(Engine):
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
                  cuda_graph_max_bs: int = DEFAULT_GRAPH_MAX_BS, warm_kernels: bool = True, fused: bool = True,
-                 extend_kernel: bool = True) -> None:
+                 extend_kernel: bool = True, overlap: bool = True) -> None:
         from minisgl.engine.cuda_graph import DecodeGraphs
         from minisgl.engine.triton_attention import decode_params
         from minisgl.engine.triton_fused import install_fused
@@ -110,6 +113,12 @@ class SGLEngine(Engine):
         # fused Triton kernels in the model's layers (engine/triton_fused.py); before any graph capture
         self.fused_modules = install_fused(model) if fused else 0
         self.extend_kernel = extend_kernel  # prompt chunks through the paged extend kernel, else SDPA
+        # overlap scheduling: step N+1 is scheduled and launched before step N's tokens are read
+        self.overlap = overlap
+        self._inflight: _Inflight | None = None
+        self._unresolved: dict[str, int] = {}  # rid -> index in all_ids of its token still on the GPU
+        # each table row's newest sampled token, on the device: the next decode's input id
+        self.last_tok = torch.zeros(config.max_running, dtype=torch.int64, device=self.device)
         self.lm = model
         self.model = _ModelCall(self)  # type: ignore[assignment]
         self.step_kinds = {"graph": 0, "graph+eager": 0, "eager": 0}  # forwards run each way
@@ -147,6 +156,132 @@ class SGLEngine(Engine):
                              splits, block_n=block_n)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
+
+    # ------------------------------------------------------------------ overlap scheduling
+    #
+    # step() launches step N+1 and only then reads step N's tokens, so the host's work (scheduling,
+    # batch building, output handling, the worker's messages) runs while the GPU computes. A request
+    # sampled in step N gets a placeholder token until then; step N+1 takes its input id from
+    # `last_tok` on the device. A request whose step-N token ends it (stop id or length) may already be
+    # in step N+1: that extra token is dropped, and the KV it writes (for the real last token) is what
+    # the prefix cache gets. Scheduling waits for step N first whenever it might preempt (KV short) or
+    # would find nothing to run, so no placeholder is ever re-prefilled.
+
+    def has_work(self) -> bool:
+        return self._inflight is not None or super().has_work()
+
+    def _decode_ready(self, r: Req) -> bool:
+        if not super()._decode_ready(r):
+            return False
+        # its in-flight token is its last: nothing more to decode
+        return not (r.rid in self._unresolved and r.num_output >= r.max_new_tokens)
+
+    @torch.inference_mode()
+    def step(self) -> StepOutput:
+        if not self.overlap:
+            return super().step()
+        out = StepOutput(outputs=self._finals)
+        self._finals = []
+        prev, self._inflight = self._inflight, None
+        # scheduling might preempt (KV short) or find no decode: read step N first, no placeholders then
+        if prev is not None and (self.kv.available < len(self.running) + 1
+                                 or not any(self._decode_ready(r) for r in self.running)):
+            self._resolve(prev, out)
+            prev = None
+        decode, decode_slots, chunks = self._schedule()
+        if decode or chunks:
+            self._inflight = self._launch(decode, decode_slots, chunks)
+        if prev is not None:
+            self._resolve(prev, out)
+        out.finished, self._finished = self._finished, []
+        out.cache_inserted, out.cache_evicted = self.kv.drain_logs()
+        return out
+
+    def _launch(self, decode: list[Req], decode_slots, chunks) -> _Inflight | None:
+        t0 = time.perf_counter() if self.config.narrate else 0.0
+        ids, positions, ctx, sample_reqs = self._build_batch(decode, decode_slots, chunks)
+        if decode:  # decode input ids from the device: some are still placeholders on the host
+            from minisgl.engine.cuda_graph import GraphStep
+
+            # (a request with one prompt token left also decodes: its input is known on the host)
+            ph = [i for i, r in enumerate(decode) if r.all_ids[-1] == PLACEHOLDER]
+            if ph:
+                b = len(decode)
+                step = ctx.decode if isinstance(ctx, SplitStep) else ctx
+                if isinstance(step, GraphStep):  # the graph's static buffers (filled by prepare())
+                    g = self.graphs.graphs[step.bs]
+                    dst, rows_t = g.ids, g.rows
+                else:
+                    dst, rows_t = ids, ctx.rows
+                if len(ph) == b:
+                    dst[:b] = self.last_tok[rows_t[:b]]
+                else:
+                    idx = torch.tensor(ph, dtype=torch.int64, pin_memory=self._pin).to(self.device, non_blocking=True)
+                    dst[idx] = self.last_tok[rows_t[idx]]
+        logits = self.model(ids, positions, ctx)
+        for r in decode:
+            r.kv_len += 1
+        for c in chunks:
+            c.req.kv_len += c.n
+        inflight = None
+        if sample_reqs:
+            tokens = self.sampler.sample_tensor(logits, sample_reqs)
+            rows = torch.tensor([r.row for r in sample_reqs], dtype=torch.int64, pin_memory=self._pin)
+            self.last_tok[rows.to(self.device, non_blocking=True)] = tokens
+            host = torch.empty(len(sample_reqs), dtype=torch.int64, pin_memory=self._pin)
+            host.copy_(tokens, non_blocking=True)
+            event = None
+            if self._pin:
+                event = torch.cuda.Event()
+                event.record()
+            positions_out = []
+            for r in sample_reqs:
+                positions_out.append(len(r.all_ids))
+                r.all_ids.append(PLACEHOLDER)
+                self._unresolved[r.rid] = self._unresolved.get(r.rid, 0) + 1
+            inflight = _Inflight(sample_reqs, positions_out, host, event)
+        if self.config.narrate:
+            self._narrate(decode, chunks, time.perf_counter() - t0)
+        for c in chunks:  # as Engine._run: warm-ups end, prompts computed so far go to the cache
+            r = c.req
+            if r.status is not Status.RUNNING:
+                continue
+            if r.warmup and r.pending == 0:
+                self._finish_warmup(r)
+            else:
+                self._cache_running(r)
+        return inflight
+
+    def _resolve(self, inflight: _Inflight, out: StepOutput) -> None:
+        """Read a launched step's tokens (its one host sync) and hand them to the requests."""
+        if inflight.event is not None:
+            inflight.event.synchronize()
+        for r, pos, tok in zip(inflight.reqs, inflight.positions, inflight.host.tolist()):
+            if r.status is not Status.RUNNING:
+                assert r.status is not Status.WAITING, "a request was preempted with a token in flight"
+                continue  # aborted, or ended by its previous token: this one is dropped
+            # r's placeholders: this one at pos, and maybe one of the step launched since, after it
+            later = r.all_ids.pop() if pos == len(r.all_ids) - 2 else None
+            assert pos == len(r.all_ids) - 1 and r.all_ids[pos] == PLACEHOLDER
+            r.all_ids.pop()
+            self._unresolved[r.rid] -= 1
+            self._append_token(r, tok, out)
+            if r.status is Status.RUNNING:
+                if later is not None:
+                    r.all_ids.append(later)
+            else:
+                # ended: a later token is dropped; the KV that step writes is that of its real last
+                # token, which _append_token's release gave the prefix cache with the rest
+                self._unresolved.pop(r.rid, None)
+            if not self._unresolved.get(r.rid, 1):
+                del self._unresolved[r.rid]
+
+    def abort(self, rid: str) -> None:
+        r = self.reqs.get(rid)
+        if r is not None and r.status is Status.RUNNING:
+            for _ in range(self._unresolved.pop(rid, 0)):  # between steps: at most the in-flight one
+                r.all_ids.pop()  # never delivered; the KV of every real token is written or in flight
+        super().abort(rid)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         from minisgl.engine.cuda_graph import GraphStep
@@ -239,6 +374,19 @@ class SGLEngine(Engine):
         return ids_t, pos_t, ctx, sample_reqs
 
 
+PLACEHOLDER = -1  # a sampled token still on the device (overlap scheduling)
+
+
+@dataclass
+class _Inflight:
+    """A launched step's sampled tokens: on their way to pinned host memory."""
+
+    reqs: list[Req]
+    positions: list[int]  # where each request's placeholder sits in its all_ids
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+
+
 @dataclass
 class SplitStep:
     """A mixed step run as a decode graph replay plus an eager forward over the prefill chunks."""
@@ -281,18 +429,20 @@ class SGLBackend(EngineBackend):
         max_bs = int(option(config, "cuda_graph_max_bs", str(DEFAULT_GRAPH_MAX_BS))) if graphs_on else 0
         fused = not switched_off(option(config, "fused", "1"))
         extend = not switched_off(option(config, "extend_kernel", "1"))
+        overlap = not switched_off(option(config, "overlap", "1"))
         self.engine = SGLEngine(model, EngineConfig(
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             kv_tokens=kv_tokens, max_context_len=max_len, max_running=config.max_running,
             chunk_size=config.chunk_size, narrate=config.narrate, seed=config.seed), device, dtype, max_bs,
-            fused=fused, extend_kernel=extend)
+            fused=fused, extend_kernel=extend, overlap=overlap)
         g = self.engine.graphs
         log.info("sgl backend: %s on %s (%s, %s), KV pool %d tokens (%.2f GiB%s), context %d, max running %d, "
-                 "chunk %d, fused kernels %s, extend kernel %s, decode graphs %s",
+                 "chunk %d, fused kernels %s, extend kernel %s, overlap %s, decode graphs %s",
                  mc.architecture, device, torch.cuda.get_device_name(device), dtype, kv_tokens,
                  self.engine.pool.nbytes() / 2**30, "" if config.kv_cache_tokens else ", from free memory",
                  self.engine.max_context_len, config.max_running, config.chunk_size,
                  f"on ({self.engine.fused_modules} modules)" if fused else "off", "on" if extend else "off",
+                 "on" if overlap else "off",
                  f"up to batch {g.max_bs} ({len(g.sizes)} sizes, {g.capture_s:.1f}s)" if g else "off")
 
     def shutdown(self) -> None:
