@@ -206,9 +206,11 @@ def generate(backend, prompts: list[list[int]], max_new: int) -> dict[str, list[
 
 
 SGL_VARIANTS: dict[str, dict[str, Any]] = {
-    "sgl": {},  # the default: CUDA graphs, fused kernels, extend kernel
+    "sgl": {},  # the default: CUDA graphs, fused kernels, extend kernel, overlap scheduling
+    "sgl-sync": {"overlap": 0},
     "sgl-eager": {"cuda_graph": 0},
-    "sgl-plain": {"fused": 0, "extend_kernel": 0},
+    "sgl-eager-sync": {"cuda_graph": 0, "overlap": 0},
+    "sgl-plain": {"fused": 0, "extend_kernel": 0, "overlap": 0},
 }
 
 
@@ -236,35 +238,41 @@ def check_greedy(model_dir: Path) -> None:
 
 
 def time_steps(model_dir: Path) -> None:
+    """Decode steps per second once every request decodes: wall time over 30 steps, synchronized at both
+    ends (with overlap, step() returns before its GPU work is done, so one step's host time means
+    nothing)."""
     from minisgl.messages import SamplingParams, TokenizedReq
 
     rng = random.Random(1)
     rows = []
-    for name, extra in (("sgl", {}), ("sgl-unfused", {"fused": 0, "extend_kernel": 0})):
+    variants = (("sgl", {}), ("sgl-sync", {"overlap": 0}), ("sgl-unfused-sync", {"fused": 0, "extend_kernel": 0, "overlap": 0}))
+    for name, extra in variants:
         be = make_backend(model_dir, "sgl", "bfloat16", max_running=256, kv_cache_tokens=300_000, chunk_size=8192,
                           **extra)
         for bsz in (1, 64, 256):
             for i in range(bsz):
                 ids = [rng.randint(3, VOCAB - 1) for _ in range(512)]
                 be.add_request(TokenizedReq(rid=f"{bsz}-{i}", input_ids=ids, arrival=0.0,
-                                            params=SamplingParams(max_new_tokens=40, ignore_eos=True)))
-            dec, pre = [], []
-            while be.has_work():
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                                            params=SamplingParams(max_new_tokens=64, ignore_eos=True)))
+            full = 0
+            while full < 3:  # until every request has decoded for a few steps
                 out = be.step()
-                dt = time.perf_counter() - t0
-                (dec if sum(1 for o in out.outputs if o.token_ids) == bsz else pre).append(dt)
-            rows.append({"variant": name, "batch": bsz, "decode_ms": statistics.median(dec[2:]) * 1000,
-                         "prefill_steps": len(pre), "prefill_step_ms": statistics.median(pre) * 1000 if pre else None})
+                full = full + 1 if sum(1 for o in out.outputs if o.token_ids) == bsz else 0
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(30):
+                be.step()
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) / 30 * 1000
+            while be.has_work():
+                be.step()
+            rows.append({"variant": name, "batch": bsz, "decode_ms": ms})
             be.flush_cache()
         free(be)
     RESULTS["steps"] = rows
-    say("decode step (ms, median, bf16, context 512-552, every request decoding; host clock around step()):")
+    say("decode step (ms, bf16, context ~520-550, every request decoding; wall over 30 steps):")
     for r in rows:
-        say(f"  {r['variant']:12s} batch {r['batch']:>3}: {r['decode_ms']:.2f} ms "
-            f"({1000 * r['batch'] / r['decode_ms']:,.0f} tok/s); prefill steps {r['prefill_steps']} "
-            f"at {r['prefill_step_ms'] or 0:.1f} ms")
+        say(f"  {r['variant']:16s} batch {r['batch']:>3}: {r['decode_ms']:.2f} ms ({1000 * r['batch'] / r['decode_ms']:,.0f} tok/s)")
 
 
 # ---------------------------------------------------------------- through the gateway
@@ -341,29 +349,31 @@ def bench_level(url: str, case: str, conc: int, args: argparse.Namespace, out_di
     }
 
 
-def serve_sweep(model_dir: Path, args: argparse.Namespace, out_dir: Path) -> None:
+def serve_sweep(model_dir: Path, args: argparse.Namespace, out_dir: Path, key: str = "serve",
+                env_extra: dict[str, str] | None = None, cases: list[str] | None = None,
+                concurrency: list[int] | None = None) -> None:
     from minisgl.server_handle import ServerHandle
 
-    log = out_dir / "server_sgl.log"
-    env = {}
+    log = out_dir / f"server_{key}.log"
+    env = dict(env_extra or {})
     if "kernels" in RESULTS.get("failed", []):  # still measure the server, on the kernels that were checked
-        env = {"MINISGL_SGL_FUSED": "0", "MINISGL_SGL_EXTEND_KERNEL": "0"}
+        env.update(MINISGL_SGL_FUSED="0", MINISGL_SGL_EXTEND_KERNEL="0")
         say("serve: the fused kernels failed their check; serving without them (MINISGL_SGL_FUSED=0, EXTEND_KERNEL=0)")
     srv = ServerHandle(env=env, args=["--backend", args.backend, "--model-local-dir", str(model_dir), "--load-format", "dummy"],
                        port=args.port, log_path=str(log), startup_timeout=600)
     t0 = time.perf_counter()
     srv.start()
     startup = time.perf_counter() - t0
-    say(f"serve: {args.backend} server (default settings) healthy after {startup:.0f}s; "
+    say(f"{key}: {args.backend} server ({'default settings' + (f', {env}' if env else '')}) healthy after {startup:.0f}s; "
         + "; ".join(line.split("launch ", 1)[-1].strip() for line in log.read_text().splitlines()
                     if "device-sized" in line or "sgl backend:" in line)[:600])
     levels = []
     try:
         sampler = CpuSampler(srv.pid)
-        for case in args.cases:
-            for conc in args.concurrency:
+        for case in cases or args.cases:
+            for conc in concurrency or args.concurrency:
                 before, w0 = sampler.sample(), time.perf_counter()
-                run = bench_level(srv.url, case, conc, args, out_dir / "levels", f"{case}_c{conc}")
+                run = bench_level(srv.url, case, conc, args, out_dir / "levels", f"{key}_{case}_c{conc}")
                 after, wall = sampler.sample(), time.perf_counter() - w0
                 run["cpu_share"] = {k: round((after.get(k, 0) - before.get(k, 0)) / wall, 3) for k in after}
                 run["cpu_wall_s"] = wall  # includes bench_suite's 2 warm-up requests
@@ -376,8 +386,8 @@ def serve_sweep(model_dir: Path, args: argparse.Namespace, out_dir: Path) -> Non
                     f"cpu {run['cpu_share']}")
     finally:
         srv.stop()
-    RESULTS["serve"] = {"startup_s": startup, "levels": levels, "max_new_tokens": args.max_new_tokens,
-                        "repeat": args.repeat}
+    RESULTS[key] = {"startup_s": startup, "levels": levels, "max_new_tokens": args.max_new_tokens,
+                    "repeat": args.repeat, "env": env}
 
 
 def hf_compare(model_dir: Path, args: argparse.Namespace, out_dir: Path) -> None:
@@ -401,20 +411,22 @@ def hf_compare(model_dir: Path, args: argparse.Namespace, out_dir: Path) -> None
 
 
 def offline(out_dir: Path) -> None:
-    cmd = [sys.executable, str(REPO / "bench" / "offline.py"), "--load-format", "dummy", "--config", str(CONFIG),
-           "--out-dir", str(out_dir / "offline"), "--tag", "full"]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
-    (out_dir / "offline.log").write_text(proc.stdout + proc.stderr)
-    files = sorted((out_dir / "offline").glob("offline_*_full.json"))
-    if proc.returncode != 0 or not files:
-        raise RuntimeError(f"offline.py failed (rc {proc.returncode}): {proc.stderr[-1500:]}")
-    r = json.loads(files[-1].read_text())
-    RESULTS["offline"] = {k: r.get(k) for k in ("backend", "device_name", "elapsed_s", "output_tok_s", "roofline",
-                                                "workload", "steps", "ok")}
-    say(f"offline (nano-vllm workload): {r['output_tok_s']:,.0f} out tok/s in {r['elapsed_s']:.1f}s, roofline "
-        f"{100 * (r['roofline']['fraction']['all_steps'] or 0):.0f}% (decode-only steps "
-        f"{100 * (r['roofline']['fraction']['decode_steps'] or 0):.0f}%)")
+    """bench/offline.py with default settings, then with overlap scheduling off (A/B)."""
+    for tag, env in (("full", {}), ("full_sync", {"MINISGL_SGL_OVERLAP": "0"})):
+        cmd = [sys.executable, str(REPO / "bench" / "offline.py"), "--load-format", "dummy", "--config", str(CONFIG),
+               "--out-dir", str(out_dir / "offline"), "--tag", tag]
+        print("$", " ".join(cmd), env, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, **env})
+        (out_dir / f"offline_{tag}.log").write_text(proc.stdout + proc.stderr)
+        files = sorted((out_dir / "offline").glob(f"offline_*_{tag}.json"))
+        if proc.returncode != 0 or not files:
+            raise RuntimeError(f"offline.py failed (rc {proc.returncode}): {proc.stderr[-1500:]}")
+        r = json.loads(files[-1].read_text())
+        RESULTS["offline" if tag == "full" else "offline_sync"] = {
+            k: r.get(k) for k in ("backend", "device_name", "elapsed_s", "output_tok_s", "roofline", "workload", "steps", "ok")}
+        say(f"offline (nano-vllm workload){' overlap off' if env else ''}: {r['output_tok_s']:,.0f} out tok/s in "
+            f"{r['elapsed_s']:.1f}s, roofline {100 * (r['roofline']['fraction']['all_steps'] or 0):.0f}% (decode-only "
+            f"steps {100 * (r['roofline']['fraction']['decode_steps'] or 0):.0f}%)")
 
 
 # ---------------------------------------------------------------- report
@@ -424,28 +436,37 @@ TARGETS = "c=1 >= 1,000 out tok/s; c=256 short >= 20,000 with every token; c=256
           "TTFT p50 c=64 <= 300 ms; offline >= 21,000; hf c=4 >= 20x; greedy equal"
 
 
+def serve_table(key: str) -> list[str]:
+    serve = RESULTS.get(key)
+    if not serve:
+        return []
+    title = "default settings" + (f", {serve['env']}" if serve.get("env") else "")
+    lines = [f"## Through the gateway, {title} (sgl, Qwen3-0.6B shape, dummy bf16, streaming client)", "",
+              f"{serve['max_new_tokens']} output tokens, ignore_eos, greedy; each level sends repeat "
+              f"{serve['repeat']} x max(concurrency, 4) requests with `concurrency` in flight.", "",
+              "| prompts | c | clients | out tok/s | prompt tok | TTFT p50 / p90 (ms) | TPOT p50 (ms) | ITL p50 / p90 (ms) "
+              "| tokens delivered | scaled | failed | CPU share gateway / tokenizer / scheduler / worker |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in serve["levels"]:
+        cpu = r.get("cpu_share", {})
+        lines.append(
+            f"| {r['case']} | {r['concurrency']} | {r['clients']} | {r['output_tok_s']:,.0f} "
+            f"| {r['prompt_tokens'] / max(1, r['ok']):.0f} | {r['ttft_ms']['p50'] or 0:.0f} / {r['ttft_ms']['p90'] or 0:.0f} "
+            f"| {r['tpot_ms']['p50'] or 0:.2f} "
+            f"| {r['itl_ms']['p50'] or 0:.2f} / {r['itl_ms']['p90'] or 0:.2f} "
+            f"| {r['output_tokens']} / {r['requests'] * serve['max_new_tokens']} | {r['scaled_down']} | {r['failed']} "
+            f"| {' / '.join(str(cpu.get(n, '-')) for n in CpuSampler.NAMES)} |")
+    lines.append("")
+    return lines
+
+
 def render_markdown() -> str:
     lines = [f"# GPU serve run: {RESULTS.get('device', '?')}", "", f"Command: `{RESULTS.get('command')}`", "",
              f"Created {RESULTS.get('created')}, commit {RESULTS.get('commit')}. Targets: {TARGETS}.", ""]
-    serve = RESULTS.get("serve")
-    if serve:
-        lines += ["## Through the gateway, default settings (sgl, Qwen3-0.6B shape, dummy bf16, streaming client)", "",
-                  f"{serve['max_new_tokens']} output tokens, ignore_eos, greedy; each level sends repeat "
-                  f"{serve['repeat']} x max(concurrency, 4) requests with `concurrency` in flight.", "",
-                  "| prompts | c | clients | out tok/s | prompt tok | TTFT p50 / p90 (ms) | TPOT p50 (ms) | ITL p50 / p90 (ms) "
-                  "| tokens delivered | scaled | failed | CPU share gateway / tokenizer / scheduler / worker |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in serve["levels"]:
-            cpu = r.get("cpu_share", {})
-            lines.append(
-                f"| {r['case']} | {r['concurrency']} | {r['clients']} | {r['output_tok_s']:,.0f} "
-                f"| {r['prompt_tokens'] / max(1, r['ok']):.0f} | {r['ttft_ms']['p50'] or 0:.0f} / {r['ttft_ms']['p90'] or 0:.0f} "
-                f"| {r['tpot_ms']['p50'] or 0:.2f} "
-                f"| {r['itl_ms']['p50'] or 0:.2f} / {r['itl_ms']['p90'] or 0:.2f} "
-                f"| {r['output_tokens']} / {r['requests'] * serve['max_new_tokens']} | {r['scaled_down']} | {r['failed']} "
-                f"| {' / '.join(str(cpu.get(n, '-')) for n in CpuSampler.NAMES)} |")
-        lines.append("")
+    for key in ("serve", "serve_sync"):
+        lines += serve_table(key)
     for key, title in (("hf", "hf baseline at c=4"), ("offline", "Offline (bench/offline.py)"),
+                       ("offline_sync", "Offline, overlap scheduling off"), 
                        ("greedy", "Greedy equality, float32"), ("steps", "Decode steps (in-process)"),
                        ("kernels", "Kernel checks (rel L2 vs float64)")):
         if key in RESULTS:
@@ -504,7 +525,7 @@ def git_commit() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", str(REPO / "bench" / "results" / "gpu_serve")))
-    p.add_argument("--skip", default="", help="comma list of stages to skip: kernels,greedy,steps,serve,hf,offline")
+    p.add_argument("--skip", default="", help="comma list of stages to skip: kernels,greedy,steps,serve,serve_sync,hf,offline")
     p.add_argument("--tokenizer-dir", default=None, help="where SmolLM2's tokenizer files are (default: the embedded model)")
     p.add_argument("--concurrency", default="1,16,64,256")
     p.add_argument("--cases", default="short,medium")
@@ -535,7 +556,10 @@ def main() -> int:
     say(f"{RESULTS['device']}, torch {torch.__version__}, model folder {dummy} (vocab {VOCAB}, bos/eos/pad {BOS}/{EOS}/{PAD})")
     stages: list[tuple[str, Callable[[], None]]] = [
         ("kernels", check_kernels), ("greedy", lambda: check_greedy(dummy)), ("steps", lambda: time_steps(dummy)),
-        ("serve", lambda: serve_sweep(dummy, args, out)), ("hf", lambda: hf_compare(weights, args, out)),
+        ("serve", lambda: serve_sweep(dummy, args, out)),
+        ("serve_sync", lambda: serve_sweep(dummy, args, out, "serve_sync", {"MINISGL_SGL_OVERLAP": "0"}, ["short"],
+                                           [1, 256])),
+        ("hf", lambda: hf_compare(weights, args, out)),
         ("offline", lambda: offline(out))]
     failed = []
     for name, fn in stages:
