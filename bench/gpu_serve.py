@@ -9,16 +9,17 @@ Stages (each timed; a failed stage is reported and the rest still run):
            at the served model's shapes, on fresh random inputs (bf16 and fp32)
   greedy   the sgl backend's greedy tokens against the torch backend's in float32 on the same dummy
            weights, for every sgl variant: default (graphs, fused kernels, extend kernel), no CUDA graphs,
-           and the plain path (no fused kernels, SDPA prefill)
-  steps    decode step time at batch 1 / 64 / 256 (context ~512), fused kernels on and off
+           and the plain path (no fused kernels, SDPA prefill), each with overlap scheduling on and off
+  steps    decode step time at batch 1 / 64 / 256 (context ~512): default, overlap off, and the plain path
+  profile  a batch-1 decode step's GPU kernels (torch.profiler over 20 CUDA-graph steps)
   serve    `launch.py --backend sgl` with no sizing flags (device-sized defaults) on the Qwen3-0.6B shape
            with dummy bf16 weights and SmolLM2's tokenizer (vocab 49152, bos/eos/pad 1/2/2), then the
            streaming bench client (bench/bench_suite.py against it) at each --concurrency for ~45-token
            (short) and ~400-token (medium) prompts, 128 output tokens, ignore_eos; each process's CPU
-           (share of one core) sampled around every level
+           (share of one core) sampled around every level; then overlap off at c=1 and c=256 (serve_sync)
   hf       random bf16 safetensors of the same shape (transformers' from_pretrained loads them), the
            sgl and hf servers on them at concurrency 4: bench_suite's ratio
-  offline  bench/offline.py (nano-vllm's workload) on the default backend
+  offline  bench/offline.py (nano-vllm's workload) on the default backend, then with overlap off
 
 Writes gpu_serve.json, gpu_serve.md, gpu_serve.png (matplotlib, when it is there) and every log into
 --out, and packs all of it into gpu_serve.tar.gz beside them.
@@ -275,6 +276,34 @@ def time_steps(model_dir: Path) -> None:
         say(f"  {r['variant']:16s} batch {r['batch']:>3}: {r['decode_ms']:.2f} ms ({1000 * r['batch'] / r['decode_ms']:,.0f} tok/s)")
 
 
+def profile_batch1(model_dir: Path) -> None:
+    """Where a batch-1 decode step's GPU time goes: torch.profiler over 20 steps (CUDA graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from minisgl.messages import SamplingParams, TokenizedReq
+
+    be = make_backend(model_dir, "sgl", "bfloat16", max_running=4, kv_cache_tokens=8192, chunk_size=8192)
+    be.add_request(TokenizedReq(rid="p", input_ids=[5 + i % 1000 for i in range(512)], arrival=0.0,
+                                params=SamplingParams(max_new_tokens=80, ignore_eos=True)))
+    for _ in range(10):
+        be.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            be.step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count > 0]
+    total_us = sum(e.self_device_time_total for e in events) / 20
+    kernels = sum(e.count for e in events) / 20
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+    RESULTS["profile_b1"] = {"gpu_us_per_step": total_us, "kernels_per_step": kernels,
+                             "top": [(e.key[:90], e.count / 20, e.self_device_time_total / 20) for e in top]}
+    say(f"profile batch 1: {total_us:.0f} us of GPU kernels per step, {kernels:.0f} kernels; top:")
+    for name, n, us in RESULTS["profile_b1"]["top"][:8]:
+        say(f"  {us:7.1f} us  {n:5.0f}x  {name}")
+    free(be)
+
+
 # ---------------------------------------------------------------- through the gateway
 
 
@@ -316,7 +345,7 @@ def bench_level(url: str, case: str, conc: int, args: argparse.Namespace, out_di
         argv = [sys.executable, str(REPO / "bench" / "bench_suite.py"), "--target-url", url, "--backends", "sgl",
                 "--cases", case, "--concurrency", str(c), "--max-new-tokens", str(args.max_new_tokens),
                 "--repeat", str(args.repeat), "--warmup", "1", "--seed", str(1000 * conc + i), "--out-dir",
-                str(out_dir), "--tag", f"{tag}_p{i}", "--raw", "--prompt-scale", str(args.prompt_scale)]
+                str(out_dir), "--tag", f"{tag}_p{i}", "--raw", "--prompt-scale", str(args.medium_scale if case == "medium" else args.prompt_scale)]
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     for proc in procs:
         _, err = proc.communicate(timeout=600)
@@ -525,14 +554,16 @@ def git_commit() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", str(REPO / "bench" / "results" / "gpu_serve")))
-    p.add_argument("--skip", default="", help="comma list of stages to skip: kernels,greedy,steps,serve,serve_sync,hf,offline")
+    p.add_argument("--skip", default="", help="comma list of stages to skip: kernels,greedy,steps,profile,serve,serve_sync,hf,offline")
     p.add_argument("--tokenizer-dir", default=None, help="where SmolLM2's tokenizer files are (default: the embedded model)")
     p.add_argument("--concurrency", default="1,16,64,256")
     p.add_argument("--cases", default="short,medium")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--prompt-scale", type=float, default=1.4,
-                   help="bench_suite's prompt scale, raw prompts: short ~45 tokens, medium ~390 [1.4]")
+                   help="bench_suite's prompt scale for the short case, raw prompts: ~45 tokens [1.4]")
+    p.add_argument("--medium-scale", type=float, default=1.8,
+                   help="the same for the medium case: ~400 tokens [1.8]")
     p.add_argument("--port", type=int, default=18400)
     p.add_argument("--conc-per-client", type=int, default=32, help="streams per client process at most [32]")
     p.add_argument("--max-clients", type=int, default=8, help="client processes per level at most [8]")
@@ -556,6 +587,7 @@ def main() -> int:
     say(f"{RESULTS['device']}, torch {torch.__version__}, model folder {dummy} (vocab {VOCAB}, bos/eos/pad {BOS}/{EOS}/{PAD})")
     stages: list[tuple[str, Callable[[], None]]] = [
         ("kernels", check_kernels), ("greedy", lambda: check_greedy(dummy)), ("steps", lambda: time_steps(dummy)),
+        ("profile", lambda: profile_batch1(dummy)),
         ("serve", lambda: serve_sweep(dummy, args, out)),
         ("serve_sync", lambda: serve_sweep(dummy, args, out, "serve_sync", {"MINISGL_SGL_OVERLAP": "0"}, ["short"],
                                            [1, 256])),
