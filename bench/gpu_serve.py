@@ -11,11 +11,10 @@ Stages (each timed; a failed stage is reported and the rest still run):
            weights, for every sgl variant: default (graphs, fused kernels, extend kernel), no CUDA graphs,
            and the plain path (no fused kernels, SDPA prefill), each with overlap scheduling on and off
   steps    decode step time at batch 1 / 64 / 256 (context ~512): default, overlap off, and the plain path
-  profile  a batch-1 decode step's GPU kernels (torch.profiler over 20 CUDA-graph steps)
   serve    `launch.py --backend sgl` with no sizing flags (device-sized defaults) on the Qwen3-0.6B shape
            with dummy bf16 weights and SmolLM2's tokenizer (vocab 49152, bos/eos/pad 1/2/2), then the
            streaming bench client (bench/bench_suite.py against it) at each --concurrency for ~45-token
-           (short) and ~400-token (medium) prompts, 128 output tokens, ignore_eos; each process's CPU
+           (short) and ~315-token (medium) prompts, 128 output tokens, ignore_eos; each process's CPU
            (share of one core) sampled around every level; then overlap off at c=1 and c=256 (serve_sync)
   hf       random bf16 safetensors of the same shape (transformers' from_pretrained loads them), the
            sgl and hf servers on them at concurrency 4: bench_suite's ratio
@@ -276,34 +275,6 @@ def time_steps(model_dir: Path) -> None:
         say(f"  {r['variant']:16s} batch {r['batch']:>3}: {r['decode_ms']:.2f} ms ({1000 * r['batch'] / r['decode_ms']:,.0f} tok/s)")
 
 
-def profile_batch1(model_dir: Path) -> None:
-    """Where a batch-1 decode step's GPU time goes: torch.profiler over 20 steps (CUDA graph replays)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from minisgl.messages import SamplingParams, TokenizedReq
-
-    be = make_backend(model_dir, "sgl", "bfloat16", max_running=4, kv_cache_tokens=8192, chunk_size=8192)
-    be.add_request(TokenizedReq(rid="p", input_ids=[5 + i % 1000 for i in range(512)], arrival=0.0,
-                                params=SamplingParams(max_new_tokens=80, ignore_eos=True)))
-    for _ in range(10):
-        be.step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(20):
-            be.step()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count > 0]
-    total_us = sum(e.self_device_time_total for e in events) / 20
-    kernels = sum(e.count for e in events) / 20
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
-    RESULTS["profile_b1"] = {"gpu_us_per_step": total_us, "kernels_per_step": kernels,
-                             "top": [(e.key[:90], e.count / 20, e.self_device_time_total / 20) for e in top]}
-    say(f"profile batch 1: {total_us:.0f} us of GPU kernels per step, {kernels:.0f} kernels; top:")
-    for name, n, us in RESULTS["profile_b1"]["top"][:8]:
-        say(f"  {us:7.1f} us  {n:5.0f}x  {name}")
-    free(be)
-
-
 # ---------------------------------------------------------------- through the gateway
 
 
@@ -554,7 +525,7 @@ def git_commit() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", str(REPO / "bench" / "results" / "gpu_serve")))
-    p.add_argument("--skip", default="", help="comma list of stages to skip: kernels,greedy,steps,profile,serve,serve_sync,hf,offline")
+    p.add_argument("--skip", default="", help="comma list of stages to skip: kernels,greedy,steps,serve,serve_sync,hf,offline")
     p.add_argument("--tokenizer-dir", default=None, help="where SmolLM2's tokenizer files are (default: the embedded model)")
     p.add_argument("--concurrency", default="1,16,64,256")
     p.add_argument("--cases", default="short,medium")
@@ -562,8 +533,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--prompt-scale", type=float, default=1.4,
                    help="bench_suite's prompt scale for the short case, raw prompts: ~45 tokens [1.4]")
-    p.add_argument("--medium-scale", type=float, default=1.8,
-                   help="the same for the medium case: ~400 tokens [1.8]")
+    p.add_argument("--medium-scale", type=float, default=1.4,
+                   help="the same for the medium case: ~315 tokens; 1.8 gives ~400 [1.4]")
     p.add_argument("--port", type=int, default=18400)
     p.add_argument("--conc-per-client", type=int, default=32, help="streams per client process at most [32]")
     p.add_argument("--max-clients", type=int, default=8, help="client processes per level at most [8]")
@@ -587,7 +558,6 @@ def main() -> int:
     say(f"{RESULTS['device']}, torch {torch.__version__}, model folder {dummy} (vocab {VOCAB}, bos/eos/pad {BOS}/{EOS}/{PAD})")
     stages: list[tuple[str, Callable[[], None]]] = [
         ("kernels", check_kernels), ("greedy", lambda: check_greedy(dummy)), ("steps", lambda: time_steps(dummy)),
-        ("profile", lambda: profile_batch1(dummy)),
         ("serve", lambda: serve_sweep(dummy, args, out)),
         ("serve_sync", lambda: serve_sweep(dummy, args, out, "serve_sync", {"MINISGL_SGL_OVERLAP": "0"}, ["short"],
                                            [1, 256])),

@@ -154,22 +154,8 @@ class SGLEngine(Engine):
             meta[_even(b):_even(b) + b] = 1
             decode_attention(q, self.pool.k[0], self.pool.v[0], self.table, meta[:b], meta[_even(b):_even(b) + b],
                              splits, block_n=block_n)
-        self._warm_extend()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-
-    def _warm_extend(self) -> None:
-        """Compile the extend kernel before the first prompt arrives (one variant per dtype: its counts
-        and metadata alignment are not specialized on)."""
-        if not self.extend_kernel:
-            return
-        from minisgl.engine.triton_fused import extend_attention, extend_meta
-
-        head_dim = self.pool.k.shape[-1]
-        q = torch.zeros(3, self.num_heads, head_dim, dtype=self.pool.dtype, device=self.device)
-        flat, blocks, segs = extend_meta([(0, 2, 0, 0), (2, 1, 0, 1)])  # row 0: it always exists
-        meta = torch.tensor(flat, dtype=torch.int64, device=self.device)
-        extend_attention(q, self.pool.k[0], self.pool.v[0], self.table, meta, blocks, segs, torch.empty_like(q))
 
     # ------------------------------------------------------------------ overlap scheduling
     #

@@ -182,9 +182,7 @@ EXTEND_BLOCK_M = 64
 EXTEND_BLOCK_N = 64
 
 
-# Block and segment counts change every step: specializing on them (== 1, % 16) would compile new
-# variants while serving (a ~1 s stall on first sight); the metadata's alignment varies too.
-@triton.jit(do_not_specialize=["num_blocks", "num_segs"], do_not_specialize_on_alignment=["Meta"])
+@triton.jit
 def _extend_kernel(Q, K, V, O, Table, Meta, num_blocks, num_segs,
                    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_tr,
                    qk_scale,
