@@ -2,21 +2,26 @@
 
 What differs from the `torch` backend (same scheduling, radix cache, sampling):
 
-  - decode attention is a Triton paged kernel reading K/V straight from the pool through the
-    req -> slot table (`minisgl/engine/triton_attention.py`), instead of a gather into a padded batch;
+  - attention reads K/V straight from the pool through the req -> slot table: a Triton paged decode
+    kernel (`minisgl/engine/triton_attention.py`) and a Triton paged extend kernel that runs every
+    prompt chunk of a step in one launch, causal with each chunk's cached-prefix offset
+    (`minisgl/engine/triton_fused.py`);
+  - fused Triton kernels between the matmuls (add+RMSNorm, silu*up, q/k norm + RoPE + the KV write),
+    swapped into the model's modules at load;
   - decode tokens run in a CUDA graph of the whole forward, captured per batch size and padded up to
     the next one (`minisgl/engine/cuda_graph.py`); a mixed step replays the graph for its decode
-    tokens and runs its prefill chunks eagerly right after (their Python launches overlap the graph
-    on the GPU); prefill attention is torch SDPA (flash for a cold prompt);
-  - each step's host-side indices go to the GPU in one pinned copy; sampling stays on the GPU with one
-    `.tolist()` per step (the engine's sampler).
+    tokens and runs its prefill chunks eagerly right after (their launches overlap the graph on the GPU);
+  - overlap scheduling: step N+1 is scheduled and launched before step N's sampled tokens are read
+    (see SGLEngine.step), one host sync per step;
+  - each step's host-side indices go to the GPU in one pinned copy; sampling stays on the GPU.
 
-sgl_kernel is looked for and the kernel path is logged with the reason; no sgl_kernel path exists yet,
-so it is Triton either way. Options, through BackendConfig.extra: cuda_graph=0 turns the graphs off,
-cuda_graph_max_bs=N caps the largest captured batch (default min(max_running, 512)), fused=0 turns the
-fused Triton kernels off (torch ops between the matmuls), extend_kernel=0 runs prompt chunks through
-SDPA instead of the paged extend kernel. A server's workers read the same options from the environment
-as MINISGL_SGL_CUDA_GRAPH, MINISGL_SGL_FUSED, ... (A/B runs).
+sgl_kernel is looked for and the kernel path is logged with the reason; no sgl_kernel path exists (its
+wheel pins another torch), so it is Triton either way. Options, through BackendConfig.extra:
+cuda_graph=0 turns the graphs off, cuda_graph_max_bs=N caps the largest captured batch (default
+min(max_running, 512)), fused=0 turns the fused Triton kernels off (torch ops between the matmuls),
+extend_kernel=0 runs prompt chunks through SDPA instead of the paged extend kernel, overlap=0 reads each
+step's tokens before scheduling the next. A server's workers read the same options from the environment
+as MINISGL_SGL_CUDA_GRAPH, MINISGL_SGL_FUSED, MINISGL_SGL_EXTEND_KERNEL, MINISGL_SGL_OVERLAP (A/B runs).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Attention over the paged KV pool for the `sgl` backend: a Triton paged decode kernel, SDPA for prefill.
+"""Attention over the paged KV pool for the `sgl` backend: a Triton paged decode kernel; prefill through
+the paged extend kernel of `triton_fused.py` (SDPA per chunk when that is switched off).
 
 Decode reads K/V straight from the pool through the engine's req -> token-slot table (no gather copy,
 no padded batch). It is flash-decoding in two launches:
@@ -14,9 +15,10 @@ The grid depends only on the batch size and the split count, both fixed for a ca
 sequence shorter than the split count leaves some programs with nothing to do (they write lse = -inf).
 
 `SGLContext` is the ForwardContext of one engine step, the counterpart of
-`minisgl.engine.attention.PagedAttention`: it writes the step's k/v into the pool, runs the decode kernel
-for the decode tokens and one SDPA per prefill chunk (flash for a cold prompt, a masked SDPA over the
-gathered prefix otherwise).
+`minisgl.engine.attention.PagedAttention`: it writes the step's k/v into the pool (or is told they are
+there already: `attention_stored`), runs the decode kernel for the decode tokens and the extend kernel for
+every prefill chunk at once (without it, one SDPA per chunk: flash for a cold prompt, a masked SDPA over
+the gathered prefix otherwise).
 """
 
 from __future__ import annotations
