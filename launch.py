@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from minisgl import ipc  # noqa: E402
 from minisgl.control import launcher_alive, run_info_path  # noqa: E402
-from minisgl.config import ServerConfig, add_config_flags, config_from_args  # noqa: E402
+from minisgl.config import ServerConfig, add_config_flags, config_from_args, device_sized  # noqa: E402
 from minisgl.messages import Codec, LauncherInMsg, ProcReady, WorkerDied  # noqa: E402
 
 log = logging.getLogger("minisgl.launch")
@@ -240,8 +240,13 @@ def resolve_config(cfg: ServerConfig) -> ServerConfig:
     os.chmod(runtime_dir, 0o700)  # the sockets inside accept anyone who can reach them
     (Path(runtime_dir) / PID_FILE).write_text(str(os.getpid()))
     served = cfg.served_model_name or cfg.model_name or model_dir.name
-    return msgspec.structs.replace(cfg, model_path=str(model_dir), backend=backend, workers=workers,
-                                   runtime_dir=runtime_dir, served_model_name=served)
+    cfg = msgspec.structs.replace(cfg, model_path=str(model_dir), backend=backend, workers=workers,
+                                  runtime_dir=runtime_dir, served_model_name=served)
+    cfg, chosen = device_sized(cfg)  # GPU sizes wherever the user set nothing
+    if chosen:
+        log.info("device-sized defaults for %s: %s (set any of them to override)", backend,
+                 ", ".join(f"{k}={v}" for k, v in chosen.items()))
+    return cfg
 
 
 def clean_stale() -> None:

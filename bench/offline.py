@@ -257,7 +257,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--max-running", type=int, default=256, help="sequences decoded together at most")
     p.add_argument("--kv-cache-tokens", type=int, default=0, help="KV pool size in tokens (0: from memory)")
-    p.add_argument("--chunk-size", type=int, default=512, help="prefill tokens per step")
+    p.add_argument("--chunk-size", type=int, default=0,
+                   help="prefill tokens per step (0: the server's default, 8192 for sgl on CUDA, else 512)")
     p.add_argument("--warmup-seqs", type=int, default=2, help="short untimed sequences run first")
     p.add_argument("--bandwidth-gbs", type=float, default=None,
                    help="device memory bandwidth in GB/s for the roofline (default: from a table of GPUs)")
@@ -279,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                          args.seed, cfg.vocab_size)
     print(f"[offline] {backend_name} on {device}: {model_dir} ({load_format}); {args.num_seqs} seqs, "
           f"{work.input_tokens} input and {work.output_tokens} output tokens", file=sys.stderr)
+    if not args.chunk_size:
+        from minisgl.config import GPU_CHUNK_SIZE, ServerConfig
+
+        args.chunk_size = GPU_CHUNK_SIZE if backend_name == "sgl" else ServerConfig().chunk_size
     t0 = time.perf_counter()
     backend = create_backend(backend_name, BackendConfig(
         model_path=str(model_dir), device=device, dtype=args.dtype, load_format=load_format,

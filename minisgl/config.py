@@ -38,8 +38,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_inflight_per_engine: int = 64
     max_queue: int = 1024
     queue_timeout_s: float = 120.0
-    adaptive_max_new_tokens: bool = True
-    adaptive_threshold: float = 0.75  # fraction of max_inflight_total above which we scale down
+    adaptive_max_new_tokens: bool = True  # only once more work is in flight than the workers can run
     adaptive_floor: int = 32
     warm_prefixes: list[str] = []
     async_prefill_queue: bool = True
@@ -61,6 +60,14 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     narrate: bool = False
     log_level: str = "INFO"
     served_model_name: str = ""
+    # fields the user set (flag or env var); device-sized defaults never override these
+    explicit: list[str] = []
+
+    def run_capacity(self) -> int:
+        """Requests the workers can run at once (beyond it, work waits): adaptive max_new_tokens
+        engages only past this."""
+        per_worker = self.hf_concurrency if self.backend == "hf" else self.max_running
+        return max(1, min(self.max_inflight_total, self.workers * per_worker))
 
     def endpoint(self, name: str) -> str:
         """ipc:// endpoint of a process's PULL socket inside the private runtime directory."""
@@ -194,4 +201,34 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             values[spec.field] = value
     if values.get("scheduler_mode") == "fsfs":  # the seed's spelling
         values["scheduler_mode"] = "fcfs"
-    return ServerConfig(**values)
+    return ServerConfig(**values, explicit=sorted(values))
+
+
+# Sizes for a CUDA worker running the sgl backend. The CPU's ServerConfig defaults (64 running, caps
+# 256/64, 512-token chunks) are sized for a few cores; a GPU runs a decode step of hundreds of
+# sequences in about the time of one, and a prompt chunk of thousands of tokens in one pass.
+GPU_MAX_RUNNING = 512  # decode batch per worker (CUDA graphs are captured up to it)
+GPU_CHUNK_SIZE = 8192  # prefill tokens per step: the paged extend kernel takes every chunk in one launch
+
+
+def device_sized(cfg: ServerConfig) -> tuple[ServerConfig, dict[str, int]]:
+    """The config with the sgl backend's device-sized defaults filled in wherever the user set nothing
+    (env vars and flags still win), and what was chosen, for the start-up log. The KV pool is sized by
+    the worker itself, from its device's free memory after the weights (backends/sgl.py)."""
+    if cfg.backend != "sgl":
+        return cfg, {}
+    chosen: dict[str, int] = {}
+    explicit = set(cfg.explicit)
+
+    def pick(name: str, value: int) -> int:
+        if name in explicit:
+            return getattr(cfg, name)
+        chosen[name] = value
+        return value
+
+    max_running = pick("max_running", GPU_MAX_RUNNING)
+    # a worker holds twice what it runs, so a finished request's row is refilled without a round trip
+    per_engine = pick("max_inflight_per_engine", 2 * max_running)
+    pick("max_inflight_total", cfg.workers * per_engine)
+    pick("chunk_size", GPU_CHUNK_SIZE)
+    return msgspec.structs.replace(cfg, **chosen), chosen

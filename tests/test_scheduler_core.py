@@ -96,17 +96,23 @@ def test_queue_timeout_gives_clear_error() -> None:
 
 
 def test_adaptive_max_new_tokens_scales_under_load() -> None:
-    c = core("round_robin", 1, max_inflight_total=8, max_inflight_per_engine=8, adaptive_threshold=0.5, adaptive_floor=16)
+    # 8 may be in flight but the worker runs 4 at once: the 5th request on is saturation
+    c = core("round_robin", 1, max_inflight_total=8, max_inflight_per_engine=8, max_running=4, adaptive_floor=16)
     budgets = []
     for i in range(8):
         c.on_request(req(f"r{i}", max_new=256), 0.0)
         (reqs,) = c.dispatch().values()
         budgets.append((reqs[0].params.max_new_tokens, reqs[0].max_new_tokens_scaled_from))
-    # Up to the threshold (4 of 8 in flight when the 5th arrives) nothing changes; past it the budget
-    # shrinks linearly toward the floor, and the request says what it was scaled from.
-    assert budgets[:5] == [(256, None)] * 5
-    assert all(b[1] == 256 and 16 <= b[0] < 256 for b in budgets[5:])
-    assert [b[0] for b in budgets[5:]] == sorted((b[0] for b in budgets[5:]), reverse=True)
+    # Up to what the worker runs at once nothing changes; past it each request gets its share of the
+    # capacity (256 * 4 / load), and says what it was scaled from.
+    assert budgets[:4] == [(256, None)] * 4
+    assert budgets[4:] == [(256 * 4 // n, 256) for n in (5, 6, 7, 8)]
+    # a load the workers can run at once is never scaled, however close to the caps it is
+    roomy = core("round_robin", 1, max_inflight_total=8, max_inflight_per_engine=8, max_running=8, adaptive_floor=16)
+    for i in range(8):
+        roomy.on_request(req(f"m{i}", max_new=256), 0.0)
+        (reqs,) = roomy.dispatch().values()
+        assert reqs[0].params.max_new_tokens == 256 and reqs[0].max_new_tokens_scaled_from is None
     off = core("round_robin", 1, max_inflight_total=2, adaptive_max_new_tokens=False)
     for i in range(2):
         off.on_request(req(f"o{i}", max_new=256), 0.0)

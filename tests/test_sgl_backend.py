@@ -126,9 +126,11 @@ TINY_QWEN3 = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hid
 
 
 @needs_triton
-def test_sgl_engine_matches_torch_engine(tmp_path) -> None:
-    """Eager sgl steps (Triton decode, SDPA prefill, its own batch layout) give the torch engine's greedy
-    tokens through chunked prefill, mixed steps, prefix reuse and preemption."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused+extend+overlap", "plain+sdpa+sync"])
+def test_sgl_engine_matches_torch_engine(tmp_path, fused) -> None:
+    """Eager sgl steps (Triton decode, prefill through the paged extend kernel or SDPA, fused kernels or
+    torch ops between the matmuls, its own batch layout) give the torch engine's greedy tokens through
+    chunked prefill, mixed steps, prefix reuse and preemption."""
     transformers = pytest.importorskip("transformers")
     from minisgl.backends.sgl import SGLEngine
     from minisgl.engine.engine import Engine, EngineConfig
@@ -160,7 +162,9 @@ def test_sgl_engine_matches_torch_engine(tmp_path) -> None:
         return tokens
 
     want = run(Engine(model, ecfg, torch.device(DEVICE), torch.float32))
-    sgl = SGLEngine(model, ecfg, torch.device(DEVICE), torch.float32, cuda_graph_max_bs=0, warm_kernels=False)
+    sgl = SGLEngine(model, ecfg, torch.device(DEVICE), torch.float32, cuda_graph_max_bs=0, warm_kernels=False,
+                    fused=fused, extend_kernel=fused, overlap=fused)
+    assert (sgl.fused_modules > 0) == fused
     got = run(sgl)
     assert got == want
     assert all(len(t) == 10 for t in got.values())
@@ -237,6 +241,165 @@ def test_graph_decode_path_matches_torch_engine(tmp_path) -> None:
     assert [len(got[str(i)]) for i in range(6)] == list(max_new)
     assert (4, 3) in RerunGraphs.replays and (1, 1) in RerunGraphs.replays  # padded and exact replays
     assert all(sgl.step_kinds.values()), sgl.step_kinds  # decode-only, mixed (split) and eager steps
+
+
+# ---------------------------------------------------------------- the fused kernels (engine/triton_fused.py)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norms_and_silu_match_torch(dtype) -> None:
+    import torch.nn.functional as F
+
+    from minisgl.engine.triton_fused import add_rmsnorm, rmsnorm, silu_mul
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 48, generator=gen).to(DEVICE, dtype)
+    res = torch.randn(7, 48, generator=gen).to(DEVICE, dtype)
+    w = (torch.rand(48, generator=gen) + 0.5).to(DEVICE, dtype)
+    # bf16: the interpreter truncates where a GPU rounds, so allow 2 ulp
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=2 ** -6)
+    want_sum = x + res
+    out, got_sum = add_rmsnorm(x, res, w, 1e-6)
+    # the residual is rounded once, as `x + residual` is (the interpreter truncates to bf16: 1 ulp)
+    exact = dtype == torch.float32
+    torch.testing.assert_close(got_sum.float(), want_sum.float(), rtol=0 if exact else 2 ** -7, atol=0)
+    torch.testing.assert_close(out.float(), F.rms_norm(want_sum, (48,), w, 1e-6).float(), **tol)
+    wide = torch.randn(7, 3 * 48, generator=gen).to(DEVICE, dtype)[:, 48:96]  # strided rows
+    torch.testing.assert_close(rmsnorm(wide, w, 1e-6).float(), F.rms_norm(wide, (48,), w, 1e-6).float(), **tol)
+    gu = torch.randn(5, 2 * 40, generator=gen).to(DEVICE, dtype)
+    want = F.silu(gu[:, :40].float()) * gu[:, 40:].float()
+    torch.testing.assert_close(silu_mul(gu).float(), want, **tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qk_norm_rope_store_matches_torch(qk_norm) -> None:
+    """q/k norms, RoPE and the KV write in one kernel == the model's project_heads + index_copy."""
+    import torch.nn.functional as F
+
+    from minisgl.engine.triton_fused import qk_norm_rope_store
+    from minisgl.models.layers import RotaryEmbedding, apply_rope
+
+    gen = torch.Generator().manual_seed(6)
+    heads, kv_heads, d, t = 4, 2, 16, 9
+    rope = RotaryEmbedding(d, 64, 10000.0, None).to(DEVICE)
+    positions = torch.randint(0, 64, (t,), generator=gen).to(DEVICE)
+    cos, sin = rope(positions)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=gen).to(DEVICE)
+    qw = torch.rand(d, generator=gen).to(DEVICE) + 0.5 if qk_norm else None
+    kw = torch.rand(d, generator=gen).to(DEVICE) + 0.5 if qk_norm else None
+    k_pool = torch.full((40, kv_heads, d), float("nan"), device=DEVICE)
+    v_pool = torch.full((40, kv_heads, d), float("nan"), device=DEVICE)
+    slots = torch.randperm(40, generator=gen)[:t].to(DEVICE)
+    q = qk_norm_rope_store(qkv, cos, sin, qw, kw, 1e-6, k_pool, v_pool, slots, heads, kv_heads, d)
+    q_ref = qkv[:, :heads * d].view(t, heads, d)
+    k_ref = qkv[:, heads * d:(heads + kv_heads) * d].view(t, kv_heads, d)
+    v_ref = qkv[:, (heads + kv_heads) * d:].view(t, kv_heads, d)
+    if qk_norm:
+        q_ref, k_ref = F.rms_norm(q_ref, (d,), qw, 1e-6), F.rms_norm(k_ref, (d,), kw, 1e-6)
+    q_ref, k_ref = apply_rope(q_ref, cos, sin), apply_rope(k_ref, cos, sin)
+    assert (q - q_ref).abs().max().item() < 1e-5
+    assert (k_pool[slots] - k_ref).abs().max().item() < 1e-5
+    assert torch.equal(v_pool[slots], v_ref)
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[slots.cpu()] = False
+    assert k_pool[untouched.to(DEVICE)].isnan().all()  # nothing written outside the step's slots
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_extend_attention_matches_reference(dtype) -> None:
+    """Every prompt chunk of a step in one launch, cached prefix read in place, causal with an offset;
+    chunks longer than a query block, no prefix, a one-token chunk, GQA."""
+    from minisgl.engine.triton_fused import extend_attention, extend_attention_reference, extend_meta
+
+    gen = torch.Generator().manual_seed(7)
+    heads, kv_heads, d = 4, 2, 24
+    k_pool = torch.randn(300, kv_heads, d, generator=gen).to(DEVICE, dtype)
+    v_pool = torch.randn(300, kv_heads, d, generator=gen).to(DEVICE, dtype)
+    table = torch.randint(0, 300, (5, 120), generator=gen).to(DEVICE)
+    # (first token, chunk length, table row, cached prefix); tokens 0..2 stand for decode rows
+    segments = [(3, 37, 2, 0), (40, 1, 0, 50), (41, 20, 4, 33), (61, 16, 1, 100)]
+    t = 77
+    q = torch.randn(t, heads, d, generator=gen).to(DEVICE, dtype)
+    flat, blocks, segs = extend_meta(segments, block_m=16)
+    assert blocks == 3 + 1 + 2 + 1 and segs == 4
+    meta = torch.tensor(flat, dtype=torch.int64, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    extend_attention(q, k_pool, v_pool, table, meta, blocks, segs, out, block_m=16, block_n=16)
+    ref = extend_attention_reference(q, k_pool, v_pool, table, segments)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    for start, n, _, _ in segments:
+        err = (out[start:start + n].double() - ref[start]).abs().max().item()
+        assert err < tol, (start, err)
+    assert out[:3].isnan().all()  # rows outside every chunk are left alone
+
+
+@needs_triton
+def test_overlap_scheduling_stops_aborts_and_preemption(tmp_path) -> None:
+    """Overlap scheduling (step N+1 launched before step N's tokens are read): requests that stop on a
+    stop id or at max_new_tokens while already in the next step drop that extra token and cache the right
+    KV (a later request reusing the prefix gets the torch engine's tokens); an abort with a token in
+    flight reports only delivered tokens; a small pool forces preemption."""
+    transformers = pytest.importorskip("transformers")
+    from minisgl.backends.sgl import SGLEngine
+    from minisgl.engine.engine import Engine, EngineConfig
+    from minisgl.messages import SamplingParams, TokenizedReq
+    from minisgl.models import load_model
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(**TINY_QWEN3)
+    cfg.architectures = ["Qwen3ForCausalLM"]
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    model = load_model(tmp_path, device=DEVICE, dtype=torch.float32)
+    mc = model.config
+    ecfg = EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+                        kv_tokens=48, max_context_len=40, max_running=4, chunk_size=16)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (4, 13, 22, 7)]
+
+    def run(engine, stops: dict[int, list[int]], abort_at: int | None = None):
+        tokens: dict[str, list[int]] = {}
+        finals: dict[str, object] = {}
+
+        def add(i: int, p: list[int]) -> None:
+            engine.add_request(TokenizedReq(rid=str(i), input_ids=p, arrival=0.0, params=SamplingParams(
+                max_new_tokens=12, ignore_eos=True, stop_token_ids=stops.get(i, []))))
+
+        for i, p in enumerate(prompts):
+            add(i, p)
+        steps = 0
+        while engine.has_work():
+            for item in engine.step().outputs:
+                tokens.setdefault(item.rid, []).extend(item.token_ids)
+                if item.finish_reason:
+                    finals[item.rid] = item
+            steps += 1
+            if steps == 3:  # the first prompt again, plus what it generated: a cached prefix to reuse
+                add(4, prompts[0] + tokens.get("0", [])[:2])
+            if abort_at is not None and steps == abort_at:
+                engine.abort("3")
+            assert steps < 400
+        return tokens, finals
+
+    ref, _ = run(Engine(model, ecfg, torch.device(DEVICE), torch.float32), {})
+    stops = {0: [ref["0"][3]], 2: [ref["2"][5]]}  # stop on a token each will produce
+    want, want_finals = run(Engine(model, ecfg, torch.device(DEVICE), torch.float32), stops)
+    sgl = SGLEngine(model, ecfg, torch.device(DEVICE), torch.float32, cuda_graph_max_bs=0, warm_kernels=False,
+                    overlap=True)
+    got, finals = run(sgl, stops)
+    assert got == want
+    assert finals["0"].finish_reason == "stop" and len(got["0"]) == want_finals["0"].completion_tokens
+    assert all(f.completion_tokens == len(got[rid]) for rid, f in finals.items())
+    assert sgl.preemptions > 0 and not sgl._unresolved and sgl._inflight is None
+    sgl2 = SGLEngine(model, ecfg, torch.device(DEVICE), torch.float32, cuda_graph_max_bs=0, warm_kernels=False,
+                     overlap=True)
+    got2, finals2 = run(sgl2, stops, abort_at=6)
+    assert finals2["3"].finish_reason == "abort"
+    assert finals2["3"].completion_tokens == len(got2.get("3", [])) < 12
+    assert got2["3"] == want["3"][:len(got2["3"])]
+    assert {k: v for k, v in got2.items() if k != "3"} == {k: v for k, v in want.items() if k != "3"}
 
 
 @needs_triton

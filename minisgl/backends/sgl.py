@@ -2,32 +2,44 @@
 
 What differs from the `torch` backend (same scheduling, radix cache, sampling):
 
-  - decode attention is a Triton paged kernel reading K/V straight from the pool through the
-    req -> slot table (`minisgl/engine/triton_attention.py`), instead of a gather into a padded batch;
+  - attention reads K/V straight from the pool through the req -> slot table: a Triton paged decode
+    kernel (`minisgl/engine/triton_attention.py`) and a Triton paged extend kernel that runs every
+    prompt chunk of a step in one launch, causal with each chunk's cached-prefix offset
+    (`minisgl/engine/triton_fused.py`);
+  - fused Triton kernels between the matmuls (add+RMSNorm, silu*up, q/k norm + RoPE + the KV write),
+    swapped into the model's modules at load;
   - decode tokens run in a CUDA graph of the whole forward, captured per batch size and padded up to
     the next one (`minisgl/engine/cuda_graph.py`); a mixed step replays the graph for its decode
-    tokens and runs its prefill chunks eagerly right after (their Python launches overlap the graph
-    on the GPU); prefill attention is torch SDPA (flash for a cold prompt);
-  - each step's host-side indices go to the GPU in one pinned copy; sampling stays on the GPU with one
-    `.tolist()` per step (the engine's sampler).
+    tokens and runs its prefill chunks eagerly right after (their launches overlap the graph on the GPU);
+  - overlap scheduling: step N+1 is scheduled and launched before step N's sampled tokens are read
+    (see SGLEngine.step), one host sync per step;
+  - each step's host-side indices go to the GPU in one pinned copy; sampling stays on the GPU.
 
-sgl_kernel is looked for and the kernel path is logged with the reason; no sgl_kernel path exists yet,
-so it is Triton either way. Options, through BackendConfig.extra: cuda_graph=0 turns the graphs off,
-cuda_graph_max_bs=N caps the largest captured batch (default min(max_running, 512)).
+sgl_kernel is looked for and the kernel path is logged with the reason; no sgl_kernel path exists (its
+wheel pins another torch), so it is Triton either way. Options, through BackendConfig.extra:
+cuda_graph=0 turns the graphs off, cuda_graph_max_bs=N caps the largest captured batch (default
+min(max_running, 512)), fused=0 turns the fused Triton kernels off (torch ops between the matmuls),
+extend_kernel=0 runs prompt chunks through SDPA instead of the paged extend kernel, overlap=0 reads each
+step's tokens before scheduling the next. A server's workers read the same options from the environment
+as MINISGL_SGL_CUDA_GRAPH, MINISGL_SGL_FUSED, MINISGL_SGL_EXTEND_KERNEL, MINISGL_SGL_OVERLAP (A/B runs).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from minisgl.backends.base import BackendConfig, EngineBackend, register_backend
-from minisgl.cache.kv_pool import kv_bytes_per_token, tokens_for_memory
+from minisgl.cache.kv_pool import free_memory_bytes, kv_bytes_per_token
 from minisgl.config import switched_off
+from minisgl.backends.base import StepOutput
 from minisgl.engine.engine import Engine, EngineConfig
+from minisgl.engine.request import Req, Status
 
 if TYPE_CHECKING:  # the CUDA / Triton modules are imported only once a GPU is known to be there
     from minisgl.engine.cuda_graph import GraphStep
@@ -37,6 +49,23 @@ log = logging.getLogger("minisgl.sgl_backend")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GRAPH_MAX_BS = 512
+
+
+# The KV pool takes the device's free memory after the weights, less a reserve for CUDA graphs, the
+# activations of an 8192-token prefill chunk and the allocator's slack.
+KV_RESERVE_BYTES = 6 * 2**30
+KV_RESERVE_FRACTION = 0.08
+
+
+def kv_tokens_for_device(device: torch.device, bytes_per_token: int) -> int:
+    free = free_memory_bytes(device)
+    return max(0, int(free - max(KV_RESERVE_BYTES, KV_RESERVE_FRACTION * free))) // bytes_per_token
+
+
+def option(config: BackendConfig, name: str, default: str) -> str:
+    """A backend option: BackendConfig.extra (in-process callers), else env MINISGL_SGL_<NAME> (a server's
+    workers, for A/B runs), else the default."""
+    return config.extra.get(name, os.environ.get(f"MINISGL_SGL_{name.upper()}", default))
 
 
 def kernel_path() -> tuple[str, str]:
@@ -79,11 +108,22 @@ class SGLEngine(Engine):
     """The engine with the sgl step: its own batch layout and context, and graph replay for decode."""
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 cuda_graph_max_bs: int = DEFAULT_GRAPH_MAX_BS, warm_kernels: bool = True) -> None:
+                 cuda_graph_max_bs: int = DEFAULT_GRAPH_MAX_BS, warm_kernels: bool = True, fused: bool = True,
+                 extend_kernel: bool = True, overlap: bool = True) -> None:
         from minisgl.engine.cuda_graph import DecodeGraphs
         from minisgl.engine.triton_attention import decode_params
+        from minisgl.engine.triton_fused import install_fused
 
         super().__init__(model, config, device, dtype)
+        # fused Triton kernels in the model's layers (engine/triton_fused.py); before any graph capture
+        self.fused_modules = install_fused(model) if fused else 0
+        self.extend_kernel = extend_kernel  # prompt chunks through the paged extend kernel, else SDPA
+        # overlap scheduling: step N+1 is scheduled and launched before step N's tokens are read
+        self.overlap = overlap
+        self._inflight: _Inflight | None = None
+        self._unresolved: dict[str, int] = {}  # rid -> index in all_ids of its token still on the GPU
+        # each table row's newest sampled token, on the device: the next decode's input id
+        self.last_tok = torch.zeros(config.max_running, dtype=torch.int64, device=self.device)
         self.lm = model
         self.model = _ModelCall(self)  # type: ignore[assignment]
         self.step_kinds = {"graph": 0, "graph+eager": 0, "eager": 0}  # forwards run each way
@@ -122,6 +162,145 @@ class SGLEngine(Engine):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
+    # ------------------------------------------------------------------ overlap scheduling
+    #
+    # step() launches step N+1 and only then reads step N's tokens, so the host's work (scheduling,
+    # batch building, output handling, the worker's messages) runs while the GPU computes. A request
+    # sampled in step N gets a placeholder token until then; step N+1 takes its input id from
+    # `last_tok` on the device. A request whose step-N token ends it (stop id or length) may already be
+    # in step N+1: that extra token is dropped, and the KV it writes (for the real last token) is what
+    # the prefix cache gets. Scheduling waits for step N first whenever it might preempt (KV short) or
+    # would find nothing to run, so no placeholder is ever re-prefilled.
+
+    def has_work(self) -> bool:
+        return self._inflight is not None or super().has_work()
+
+    def _decode_ready(self, r: Req) -> bool:
+        if not super()._decode_ready(r):
+            return False
+        # its in-flight token is its last: nothing more to decode
+        return not (r.rid in self._unresolved and r.num_output >= r.max_new_tokens)
+
+    @torch.inference_mode()
+    def step(self) -> StepOutput:
+        if not self.overlap:
+            return super().step()
+        if any(r.reads_logits for r in self.running) or any(r.reads_logits for r in self.waiting):
+            return self._step_in_sync()
+        out = StepOutput(outputs=self._finals)
+        self._finals = []
+        prev, self._inflight = self._inflight, None
+        # scheduling might preempt (KV short) or find no decode: read step N first, no placeholders then
+        if prev is not None and (self.kv.available < len(self.running) + 1
+                                 or not any(self._decode_ready(r) for r in self.running)):
+            self._resolve(prev, out)
+            prev = None
+        decode, decode_slots, chunks = self._schedule()
+        if decode or chunks:
+            self._inflight = self._launch(decode, decode_slots, chunks)
+        if prev is not None:
+            self._resolve(prev, out)
+        out.finished, self._finished = self._finished, []
+        out.cache_inserted, out.cache_evicted = self.kv.drain_logs()
+        return out
+
+    def _step_in_sync(self) -> StepOutput:
+        """A step for a batch holding a request that reads its logits on the host (logprobs, echo,
+        penalties): the step in flight is read first, then this one runs as Engine.step() does."""
+        prev, self._inflight = self._inflight, None
+        early = StepOutput(outputs=[])
+        if prev is not None:
+            self._resolve(prev, early)
+        out = super().step()  # takes self._finals / self._finished, now including what prev ended
+        out.outputs = early.outputs + out.outputs
+        return out
+
+    def _launch(self, decode: list[Req], decode_slots, chunks) -> _Inflight | None:
+        t0 = time.perf_counter() if self.config.narrate else 0.0
+        ids, positions, ctx, sample_reqs = self._build_batch(decode, decode_slots, chunks)
+        if decode:  # decode input ids from the device: some are still placeholders on the host
+            from minisgl.engine.cuda_graph import GraphStep
+
+            # (a request with one prompt token left also decodes: its input is known on the host)
+            ph = [i for i, r in enumerate(decode) if r.all_ids[-1] == PLACEHOLDER]
+            if ph:
+                b = len(decode)
+                step = ctx.decode if isinstance(ctx, SplitStep) else ctx
+                if isinstance(step, GraphStep):  # the graph's static buffers (filled by prepare())
+                    g = self.graphs.graphs[step.bs]
+                    dst, rows_t = g.ids, g.rows
+                else:
+                    dst, rows_t = ids, ctx.rows
+                if len(ph) == b:
+                    dst[:b] = self.last_tok[rows_t[:b]]
+                else:
+                    idx = torch.tensor(ph, dtype=torch.int64, pin_memory=self._pin).to(self.device, non_blocking=True)
+                    dst[idx] = self.last_tok[rows_t[idx]]
+        logits = self.model(ids, positions, ctx)
+        for r in decode:
+            r.kv_len += 1
+        for c in chunks:
+            c.req.kv_len += c.n
+        inflight = None
+        if sample_reqs:
+            tokens = self.sampler.sample_tensor(logits, sample_reqs)
+            rows = torch.tensor([r.row for r in sample_reqs], dtype=torch.int64, pin_memory=self._pin)
+            self.last_tok[rows.to(self.device, non_blocking=True)] = tokens
+            host = torch.empty(len(sample_reqs), dtype=torch.int64, pin_memory=self._pin)
+            host.copy_(tokens, non_blocking=True)
+            event = None
+            if self._pin:
+                event = torch.cuda.Event()
+                event.record()
+            positions_out = []
+            for r in sample_reqs:
+                positions_out.append(len(r.all_ids))
+                r.all_ids.append(PLACEHOLDER)
+                self._unresolved[r.rid] = self._unresolved.get(r.rid, 0) + 1
+            inflight = _Inflight(sample_reqs, positions_out, host, event)
+        if self.config.narrate:
+            self._narrate(decode, chunks, time.perf_counter() - t0)
+        for c in chunks:  # as Engine._run: warm-ups end, prompts computed so far go to the cache
+            r = c.req
+            if r.status is not Status.RUNNING:
+                continue
+            if r.warmup and r.pending == 0:
+                self._finish_warmup(r)
+            else:
+                self._cache_running(r)
+        return inflight
+
+    def _resolve(self, inflight: _Inflight, out: StepOutput) -> None:
+        """Read a launched step's tokens (its one host sync) and hand them to the requests."""
+        if inflight.event is not None:
+            inflight.event.synchronize()
+        for r, pos, tok in zip(inflight.reqs, inflight.positions, inflight.host.tolist()):
+            if r.status is not Status.RUNNING:
+                assert r.status is not Status.WAITING, "a request was preempted with a token in flight"
+                continue  # aborted, or ended by its previous token: this one is dropped
+            # r's placeholders: this one at pos, and maybe one of the step launched since, after it
+            later = r.all_ids.pop() if pos == len(r.all_ids) - 2 else None
+            assert pos == len(r.all_ids) - 1 and r.all_ids[pos] == PLACEHOLDER
+            r.all_ids.pop()
+            self._unresolved[r.rid] -= 1
+            self._append_token(r, tok, out)
+            if r.status is Status.RUNNING:
+                if later is not None:
+                    r.all_ids.append(later)
+            else:
+                # ended: a later token is dropped; the KV that step writes is that of its real last
+                # token, which _append_token's release gave the prefix cache with the rest
+                self._unresolved.pop(r.rid, None)
+            if not self._unresolved.get(r.rid, 1):
+                del self._unresolved[r.rid]
+
+    def abort(self, rid: str) -> None:
+        r = self.reqs.get(rid)
+        if r is not None and r.status is Status.RUNNING:
+            for _ in range(self._unresolved.pop(rid, 0)):  # between steps: at most the in-flight one
+                r.all_ids.pop()  # never delivered; the KV of every real token is written or in flight
+        super().abort(rid)
+
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         from minisgl.engine.cuda_graph import GraphStep
 
@@ -157,6 +336,7 @@ class SGLEngine(Engine):
 
     def _eager_batch(self, decode, decode_slots, chunks):
         from minisgl.engine.triton_attention import Segment, SGLContext, prefix_mask
+        from minisgl.engine.triton_fused import extend_meta
 
         dev = self.device
         b = len(decode)
@@ -185,26 +365,48 @@ class SGLEngine(Engine):
                 sample_reqs.append(r)
         logits_idx += prompt_idx
         total, eb = start, _even(b)
-        # [rows | seq lens | ids | positions | logits indices]; rows and lens 16-byte aligned
+        meta: list[int] = []
+        blocks = segs = 0
+        if specs and self.extend_kernel:
+            meta, blocks, segs = extend_meta(specs)
+        # [rows | seq lens | ids | positions | logits indices | extend meta]; rows and lens 16-byte aligned
         host = torch.tensor(rows + [0] * (eb - b) + [p + 1 for p in pos] + [0] * (eb - b) + ids + positions
-                            + logits_idx, dtype=torch.int64, pin_memory=self._pin)
+                            + logits_idx + meta, dtype=torch.int64, pin_memory=self._pin)
         flat = host.to(dev, non_blocking=True)
         rows_t, lens_t = flat[:b], flat[eb:eb + b]
         ids_t = flat[2 * eb:2 * eb + total]
         pos_t = flat[2 * eb + total:2 * eb + 2 * total]
-        logits_t = flat[2 * eb + 2 * total:]
+        n_logits = len(logits_idx)
+        logits_t = flat[2 * eb + 2 * total:2 * eb + 2 * total + n_logits]
         if b:
             self.table[rows_t, pos_t[:b]] = decode_slots
         segments = []
-        for s, n, row, k0 in specs:
-            if k0:
-                segments.append(Segment(s, s + n, self.table[row, :k0 + n], prefix_mask(k0, n, self.group, dev)))
-            else:
-                segments.append(Segment(s, s + n, None))
+        extend = None
+        if meta:
+            extend = (flat[2 * eb + 2 * total + n_logits:], blocks, segs)
+        else:
+            for s, n, row, k0 in specs:
+                if k0:
+                    segments.append(Segment(s, s + n, self.table[row, :k0 + n], prefix_mask(k0, n, self.group, dev)))
+                else:
+                    segments.append(Segment(s, s + n, None))
         splits, block_n = self._params(b) if b else (1, 64)
         ctx = SGLContext(self.pool, torch.cat(write) if len(write) > 1 else write[0], logits_t, b, self.table,
-                         rows_t, lens_t, segments, splits, self.num_heads, block_n)
+                         rows_t, lens_t, segments, splits, self.num_heads, block_n, extend)
         return ids_t, pos_t, ctx, sample_reqs
+
+
+PLACEHOLDER = -1  # a sampled token still on the device (overlap scheduling)
+
+
+@dataclass
+class _Inflight:
+    """A launched step's sampled tokens: on their way to pinned host memory."""
+
+    reqs: list[Req]
+    positions: list[int]  # where each request's placeholder sits in its all_ids
+    host: torch.Tensor
+    event: torch.cuda.Event | None
 
 
 @dataclass
@@ -241,21 +443,28 @@ class SGLBackend(EngineBackend):
         self.dtype = dtype
         max_len = config.max_model_len or mc.max_position_embeddings
         per_token = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
-        kv_tokens = config.kv_cache_tokens or min(tokens_for_memory(config.kv_memory_fraction, per_token, device),
-                                                  config.max_running * max_len)
+        kv_tokens = config.kv_cache_tokens or min(kv_tokens_for_device(device, per_token), config.max_running * max_len)
         if kv_tokens < 256:
             raise RuntimeError(f"not enough free GPU memory for a KV cache ({kv_tokens} tokens); "
                                "set kv_cache_tokens or free some memory")
-        graphs_on = not switched_off(config.extra.get("cuda_graph", "1"))
-        max_bs = int(config.extra.get("cuda_graph_max_bs", DEFAULT_GRAPH_MAX_BS)) if graphs_on else 0
+        graphs_on = not switched_off(option(config, "cuda_graph", "1"))
+        max_bs = int(option(config, "cuda_graph_max_bs", str(DEFAULT_GRAPH_MAX_BS))) if graphs_on else 0
+        fused = not switched_off(option(config, "fused", "1"))
+        extend = not switched_off(option(config, "extend_kernel", "1"))
+        overlap = not switched_off(option(config, "overlap", "1"))
         self.engine = SGLEngine(model, EngineConfig(
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             kv_tokens=kv_tokens, max_context_len=max_len, max_running=config.max_running,
-            chunk_size=config.chunk_size, narrate=config.narrate, seed=config.seed), device, dtype, max_bs)
+            chunk_size=config.chunk_size, narrate=config.narrate, seed=config.seed), device, dtype, max_bs,
+            fused=fused, extend_kernel=extend, overlap=overlap)
         g = self.engine.graphs
-        log.info("sgl backend: %s on %s (%s, %s), KV pool %d tokens (%.2f GiB), context %d, decode graphs %s",
+        log.info("sgl backend: %s on %s (%s, %s), KV pool %d tokens (%.2f GiB%s), context %d, max running %d, "
+                 "chunk %d, fused kernels %s, extend kernel %s, overlap %s, decode graphs %s",
                  mc.architecture, device, torch.cuda.get_device_name(device), dtype, kv_tokens,
-                 self.engine.pool.nbytes() / 2**30, self.engine.max_context_len,
+                 self.engine.pool.nbytes() / 2**30, "" if config.kv_cache_tokens else ", from free memory",
+                 self.engine.max_context_len, config.max_running, config.chunk_size,
+                 f"on ({self.engine.fused_modules} modules)" if fused else "off", "on" if extend else "off",
+                 "on" if overlap else "off",
                  f"up to batch {g.max_bs} ({len(g.sizes)} sizes, {g.capture_s:.1f}s)" if g else "off")
 
     def shutdown(self) -> None:

@@ -182,7 +182,7 @@ class Engine:
 
     def _schedule(self) -> tuple[list[Req], torch.Tensor | None, list[_Chunk]]:
         # 1. decode: every running request with exactly its newest token to process
-        decode = [r for r in self.running if r.pending == 1 and not r.warmup]
+        decode = [r for r in self.running if self._decode_ready(r)]
         while decode and self.kv.available < len(decode):
             victim = self._victim()
             self._preempt(victim)
@@ -204,6 +204,11 @@ class Engine:
             self._retire(r)
             self._finals.append(self._final_item(r, FINISH_ERROR, "out of KV cache memory"))
         return decode, decode_slots, chunks
+
+    def _decode_ready(self, r: Req) -> bool:
+        """r decodes this step: exactly its newest token is still to run (an overlapped engine also
+        leaves out requests whose in-flight token is their last)."""
+        return r.pending == 1 and not r.warmup
 
     def _continue_prefills(self) -> list[_Chunk]:
         chunks: list[_Chunk] = []

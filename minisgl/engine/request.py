@@ -80,6 +80,12 @@ class Req:
         return done < self.prompt_len - 1
 
     @property
+    def reads_logits(self) -> bool:
+        """Its steps read the logits on the host (logprobs, prompt scores) or adjust them from the tokens
+        so far (penalties, logit_bias): an overlapped engine runs such steps without overlap."""
+        return self.params.logprobs is not None or self.params.prompt_logprobs is not None or self.adjusts
+
+    @property
     def greedy(self) -> bool:
         return self.params.temperature <= 0.0 or self.params.top_k == 1
 

@@ -43,11 +43,16 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, reqs: list[Req]) -> list[int]:
         """logits [N, V] float32, one row per request in `reqs` -> N token ids."""
+        return self.sample_tensor(logits, reqs).tolist()
+
+    def sample_tensor(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+        """As sample(), but the ids stay on the device (no host sync): an overlapped engine reads them
+        one step later."""
         if any(r.adjusts for r in reqs):
             logits = adjust_logits(logits, reqs)
         if all(r.greedy for r in reqs):
-            return logits.argmax(dim=-1).tolist()
-        return self._sample_mixed(logits, reqs).tolist()
+            return logits.argmax(dim=-1)
+        return self._sample_mixed(logits, reqs)
 
     def _sample_mixed(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
         dev = logits.device

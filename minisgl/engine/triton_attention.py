@@ -1,4 +1,5 @@
-"""Attention over the paged KV pool for the `sgl` backend: a Triton paged decode kernel, SDPA for prefill.
+"""Attention over the paged KV pool for the `sgl` backend: a Triton paged decode kernel; prefill through
+the paged extend kernel of `triton_fused.py` (SDPA per chunk when that is switched off).
 
 Decode reads K/V straight from the pool through the engine's req -> token-slot table (no gather copy,
 no padded batch). It is flash-decoding in two launches:
@@ -14,9 +15,10 @@ The grid depends only on the batch size and the split count, both fixed for a ca
 sequence shorter than the split count leaves some programs with nothing to do (they write lse = -inf).
 
 `SGLContext` is the ForwardContext of one engine step, the counterpart of
-`minisgl.engine.attention.PagedAttention`: it writes the step's k/v into the pool, runs the decode kernel
-for the decode tokens and one SDPA per prefill chunk (flash for a cold prompt, a masked SDPA over the
-gathered prefix otherwise).
+`minisgl.engine.attention.PagedAttention`: it writes the step's k/v into the pool (or is told they are
+there already: `attention_stored`), runs the decode kernel for the decode tokens and the extend kernel for
+every prefill chunk at once (without it, one SDPA per chunk: flash for a cold prompt, a masked SDPA over
+the gathered prefix otherwise).
 """
 
 from __future__ import annotations
@@ -216,7 +218,8 @@ class SGLContext:
 
     def __init__(self, pool: KVPool, write_slots: torch.Tensor, logits_indices: torch.Tensor, num_decode: int,
                  table: torch.Tensor, rows: torch.Tensor | None, seq_lens: torch.Tensor | None,
-                 segments: list[Segment], num_splits: int = 1, num_heads: int = 0, block_n: int = BLOCK_N) -> None:
+                 segments: list[Segment], num_splits: int = 1, num_heads: int = 0, block_n: int = BLOCK_N,
+                 extend: tuple[torch.Tensor, int, int] | None = None) -> None:
         self.pool = pool
         self.write_slots = write_slots
         self.logits_indices = logits_indices
@@ -227,6 +230,8 @@ class SGLContext:
         self.segments = segments
         self.num_splits = num_splits
         self.block_n = block_n
+        # (meta, query blocks, segments) of triton_fused.extend_attention: every prompt chunk in one launch
+        self.extend = extend
         self.scratch: DecodeScratch | None = None
         if num_decode and num_heads:
             self.scratch = DecodeScratch(num_decode, num_heads, pool.k.shape[-1], num_splits, pool.device)
@@ -235,6 +240,34 @@ class SGLContext:
         k_pool, v_pool = self.pool.k[layer_idx], self.pool.v[layer_idx]
         k_pool.index_copy_(0, self.write_slots, k)
         v_pool.index_copy_(0, self.write_slots, v)
+        if self.extend is not None and self.num_decode < q.shape[0]:
+            return self._attend_in_pool(k_pool, v_pool, q)
+        return self._attend(k_pool, v_pool, q, k, v)
+
+    def attention_stored(self, layer_idx: int, q: torch.Tensor) -> torch.Tensor:
+        """As attention(), for a caller that has written this step's k/v into the pool itself
+        (triton_fused.qk_norm_rope_store)."""
+        k_pool, v_pool = self.pool.k[layer_idx], self.pool.v[layer_idx]
+        if self.num_decode == q.shape[0]:
+            return self._decode(k_pool, v_pool, q, None)
+        if self.extend is not None:
+            return self._attend_in_pool(k_pool, v_pool, q)
+        # no extend kernel: the SDPA path, over the step's k/v read back from the pool
+        return self._attend(k_pool, v_pool, q, k_pool.index_select(0, self.write_slots),
+                            v_pool.index_select(0, self.write_slots))
+
+    def _attend_in_pool(self, k_pool: torch.Tensor, v_pool: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        from minisgl.engine.triton_fused import extend_attention
+
+        assert self.extend is not None
+        out = torch.empty_like(q)
+        if self.num_decode:
+            self._decode(k_pool, v_pool, q[:self.num_decode], out[:self.num_decode])
+        meta, blocks, segs = self.extend
+        return extend_attention(q, k_pool, v_pool, self.table, meta, blocks, segs, out)
+
+    def _attend(self, k_pool: torch.Tensor, v_pool: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
         b = self.num_decode
         if b == q.shape[0]:
             return self._decode(k_pool, v_pool, q, None)

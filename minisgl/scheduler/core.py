@@ -122,17 +122,19 @@ class SchedulerCore:
         return None
 
     def _maybe_scale(self, req: TokenizedReq) -> TokenizedReq:
-        """Adaptive max_new_tokens: once load passes adaptive_threshold of MAX_INFLIGHT_TOTAL, new
-        requests get a budget shrinking linearly to adaptive_floor at full load."""
+        """Adaptive max_new_tokens: only when the workers are saturated, i.e. more requests are in
+        flight or queued (this one included) than the workers can run at once (cfg.run_capacity()).
+        Then each new request gets its share of that capacity, original * capacity / load, never below
+        adaptive_floor. A load the workers can run at once is never scaled."""
         cfg = self.cfg
         if not cfg.adaptive_max_new_tokens or req.params.max_new_tokens <= cfg.adaptive_floor:
             return req
-        load = (self.inflight_total + len(self.queue)) / max(1, cfg.max_inflight_total)
-        if load < cfg.adaptive_threshold:
+        capacity = cfg.run_capacity()
+        load = self.inflight_total + len(self.queue) + 1
+        if load <= capacity:
             return req
-        frac = max(0.0, (1.0 - load) / max(1e-9, 1.0 - cfg.adaptive_threshold))
         original = req.params.max_new_tokens
-        scaled = max(cfg.adaptive_floor, int(original * frac))
+        scaled = max(cfg.adaptive_floor, original * capacity // load)
         if scaled >= original:
             return req
         self.counters.scaled_max_new_tokens += 1
