@@ -68,7 +68,7 @@ class Supervisor:
         self.to_scheduler = ipc.connect_push(self.ctx, cfg.endpoint("scheduler"))
         self.codec = Codec(LauncherInMsg)
         self.children: list[Child] = [Child("scheduler", "procs.scheduler"), Child("tokenizer", "procs.tokenizer")]
-        self.children += [Child(f"worker-{i}", "procs.worker", ["--worker-id", str(i)]) for i in range(cfg.workers)]
+        self.children += worker_children(cfg)
         self.gateway = Child("gateway", "procs.gateway")
         self.stopping = False
         self.run_info: Path | None = None
@@ -139,7 +139,7 @@ class Supervisor:
         return 0
 
     def restart_worker(self, child: Child, code: int) -> bool:
-        worker_id = int(child.name.split("-")[1])
+        worker_id = worker_index(child)
         log.error("%s exited with code %s; failing its requests and restarting it", child.name, code)
         ipc.send(self.to_scheduler, WorkerDied(worker_id, code))
         now = time.monotonic()
@@ -147,7 +147,8 @@ class Supervisor:
         if len(child.restarts) > MAX_RESTARTS:
             log.error("%s died %d times within %.0fs; giving up", child.name, len(child.restarts), RESTART_WINDOW_S)
             return False
-        self.spawn(child)
+        for c in tp_group_for_restart(self.children, child):  # just `child` unless TP > 1
+            self.spawn(c)
         return True
 
     def shutdown(self) -> None:
@@ -169,6 +170,44 @@ class Supervisor:
             self.run_info.unlink(missing_ok=True)
 
 
+# ---------------------------------------------------------------- tensor-parallel worker groups
+
+
+def worker_index(child: Child) -> int:
+    return int(child.name.split("-")[1])  # worker-3, or worker-3-tp1 for its TP rank 1
+
+
+def worker_children(cfg: ServerConfig) -> list[Child]:
+    """One process per worker, or with --tp N, N per worker: rank 0 (`worker-i`, the one the scheduler
+    talks to) and ranks 1..N-1 (`worker-i-tpR`)."""
+    children = []
+    for i in range(cfg.workers):
+        children.append(Child(f"worker-{i}", "procs.worker", ["--worker-id", str(i)]))
+        children += [Child(f"worker-{i}-tp{r}", "procs.worker", ["--worker-id", str(i), "--tp-rank", str(r)])
+                     for r in range(1, cfg.tp)]
+    return children
+
+
+def tp_group_for_restart(children: list[Child], dead: Child) -> list[Child]:
+    """The processes to start again after `dead` died: its whole TP group (the survivors would wait in
+    a collective forever), stopped first, each told a new rendezvous generation. Same worker id and
+    ranks, so the same devices."""
+    group = [c for c in children if c.is_worker and worker_index(c) == worker_index(dead)]
+    if len(group) == 1:
+        return group
+    for c in group:
+        if c.proc is not None and c.proc.poll() is None:
+            c.proc.kill()
+            c.proc.wait()
+    gen = max(int(c.args[c.args.index("--tp-gen") + 1]) if "--tp-gen" in c.args else 0 for c in group) + 1
+    for c in group:
+        if "--tp-gen" in c.args:
+            c.args = c.args[:c.args.index("--tp-gen")]
+        c.args = c.args + ["--tp-gen", str(gen)]
+    log.info("restarting the TP group of worker-%d (%d ranks)", worker_index(dead), len(group))
+    return group
+
+
 # ---------------------------------------------------------------- configuration
 
 
@@ -187,7 +226,11 @@ def resolve_config(cfg: ServerConfig) -> ServerConfig:
     if cfg.enable_multi_device:
         import torch
 
-        workers = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else workers
+        # with --tp N: one worker per N devices
+        workers = max(1, torch.cuda.device_count() // cfg.tp) if torch.cuda.is_available() else workers
+    from minisgl.distributed.checks import check_tp_request
+
+    check_tp_request(cfg.tp, workers, backend, cfg.device, model_dir)
     check_port_free(cfg.host, cfg.port)
     runtime_dir = cfg.runtime_dir or tempfile.mkdtemp(prefix="minisgl-")
     os.chmod(runtime_dir, 0o700)  # the sockets inside accept anyone who can reach them

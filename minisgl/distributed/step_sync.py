@@ -1,0 +1,127 @@
+"""Keeping the N ranks of a TP worker in lockstep.
+
+Every rank runs the whole engine (scheduling, radix cache, sampling) on its share of the model. The
+engine is deterministic given its inputs, and the gathered logits are the same bits on every rank, so
+the ranks only need the same inputs in the same order: rank 0, the only one with sockets, broadcasts
+each loop iteration's scheduler messages over the host (gloo) group, as the msgspec bytes they came in
+(never pickle), and every rank applies them and then steps iff its engine has work. Rank 0 sends only
+when there is something to do, plus an empty heartbeat every HEARTBEAT_S while idle (a gloo wait has a
+timeout). Each broadcast carries rank 0's engine fingerprint (running, waiting, KV used) from before
+the messages; a rank whose own differs stops with an error: better than a deadlock in a collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+import torch
+import torch.distributed as dist
+
+from minisgl.backends.base import Backend
+from minisgl.distributed.group import TPGroup
+from minisgl.messages import AbortReq, Codec, Dispatch, FlushCache, InsertPrefix, Shutdown, WorkerInMsg
+
+log = logging.getLogger("minisgl.tp")
+
+HEARTBEAT_S = 5.0
+
+
+class StepInputs(msgspec.Struct, array_like=True):
+    running: int  # rank 0's engine before these messages
+    waiting: int
+    kv_used: int
+    msgs: list[bytes]  # encoded WorkerInMsg, in arrival order
+
+
+def fingerprint(backend: Backend) -> tuple[int, int, int]:
+    s = backend.stats()
+    return s.running, s.waiting, s.kv_used_tokens
+
+
+class StepSync:
+    """Rank 0: `share(msgs, backend)`; the other ranks: `receive()`. Two broadcasts per iteration on
+    the host group (the length, then the bytes); none on the model's NCCL group."""
+
+    def __init__(self, tp: TPGroup) -> None:
+        self.tp = tp
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(StepInputs)
+        self.last_sent = time.monotonic()
+
+    def due(self, msgs: list[bytes], backend: Backend) -> bool:
+        """Whether rank 0 must broadcast this iteration."""
+        return bool(msgs) or backend.has_work() or time.monotonic() - self.last_sent > HEARTBEAT_S
+
+    def share(self, msgs: list[bytes], backend: Backend) -> None:
+        running, waiting, kv_used = fingerprint(backend)
+        payload = self._encoder.encode(StepInputs(running, waiting, kv_used, msgs))
+        size = torch.tensor([len(payload)], dtype=torch.int64)
+        dist.broadcast(size, src=0, group=self.tp.cpu_group)
+        dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, group=self.tp.cpu_group)
+        self.last_sent = time.monotonic()
+
+    def receive(self) -> StepInputs:
+        size = torch.zeros(1, dtype=torch.int64)
+        dist.broadcast(size, src=0, group=self.tp.cpu_group)
+        buf = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.broadcast(buf, src=0, group=self.tp.cpu_group)
+        return self._decoder.decode(buf.numpy().tobytes())
+
+
+def apply(backend: Backend, msg: object) -> bool:
+    """A scheduler message applied to a rank's backend; False on Shutdown. (Rank 0's WorkerLoop.handle
+    does the same, plus its replies.)"""
+    if isinstance(msg, Dispatch):
+        for req in msg.reqs:
+            backend.add_request(req)
+    elif isinstance(msg, AbortReq):
+        backend.abort(msg.rid)
+    elif isinstance(msg, InsertPrefix):
+        backend.insert_prefix(msg.input_ids)
+    elif isinstance(msg, FlushCache):
+        backend.flush_cache()
+    elif isinstance(msg, Shutdown):
+        return False
+    return True
+
+
+class FollowerLoop:
+    """The loop of TP ranks 1..N-1: no sockets, only rank 0's broadcasts."""
+
+    def __init__(self, backend: Backend, tp: TPGroup) -> None:
+        self.backend, self.tp = backend, tp
+        self.sync = StepSync(tp)
+        self.codec = Codec(WorkerInMsg)
+        self.steps = 0
+
+    def run(self) -> None:
+        running = True
+        while running:
+            inputs = self.sync.receive()
+            mine = fingerprint(self.backend)
+            if mine != (inputs.running, inputs.waiting, inputs.kv_used):
+                raise RuntimeError(f"TP rank {self.tp.rank} diverged from rank 0 after {self.steps} steps: "
+                                   f"(running, waiting, KV used) {mine} here, "
+                                   f"{(inputs.running, inputs.waiting, inputs.kv_used)} on rank 0")
+            for data in inputs.msgs:
+                running = apply(self.backend, self.codec.decode(data)) and running
+            if self.backend.has_work():  # after a Shutdown too: rank 0's loop steps once more as well
+                self.backend.step()
+                self.steps += 1
+        self.backend.shutdown()
+
+
+def agree_on_kv_pool(backend: Backend, tp: TPGroup) -> None:
+    """Every rank must schedule over the same number of KV slots; sized from each rank's free memory
+    they can differ by a few. All take the smallest (the slots above it are simply never handed out)."""
+    engine = getattr(backend, "engine", None)
+    if engine is None:
+        raise RuntimeError(f"the {backend.name} backend cannot run tensor-parallel (it has no engine)")
+    total = tp.min_int(engine.pool.total)
+    if total < engine.pool.total:
+        log.info("KV pool: %d slots here, %d on the smallest rank; using %d", engine.pool.total, total, total)
+        engine.pool.total = total
+        engine.pool.reset()
+        engine.max_context_len = min(engine.max_context_len, total)
