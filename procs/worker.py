@@ -18,7 +18,7 @@ from minisgl import ipc
 from minisgl.backends.base import Backend, BackendConfig, StepOutput, create_backend
 from minisgl.config import ServerConfig
 from minisgl.distributed.checks import rank_device
-from minisgl.distributed.group import TPGroup
+from minisgl.distributed.group import TPGroup, destroy_tp
 from minisgl.distributed.step_sync import FollowerLoop, StepSync, agree_on_kv_pool, apply
 from minisgl.messages import (
     Codec,
@@ -171,6 +171,8 @@ def main() -> None:
         loop.run()
     except KeyboardInterrupt:
         pass
+    if tp is not None:
+        destroy_tp()
     sys.exit(0)
 
 
@@ -184,6 +186,7 @@ def run_follower(cfg: ServerConfig, backend: Backend, tp: TPGroup, name: str) ->
         FollowerLoop(backend, tp).run()
     except KeyboardInterrupt:
         pass
+    destroy_tp()
     sys.exit(0)
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from minisgl.backends.base import BackendConfig, create_backend
-from minisgl.distributed.group import get_tp, init_tp
+from minisgl.distributed.group import destroy_tp, get_tp, init_tp
 from minisgl.distributed.step_sync import FollowerLoop, StepSync, agree_on_kv_pool, apply
 from minisgl.messages import Dispatch, SamplingParams, Shutdown, TokenizedReq
 
@@ -69,6 +69,7 @@ def run_rank(args: argparse.Namespace) -> None:
             backend.step = counted_step  # type: ignore[method-assign]
             FollowerLoop(backend, tp).run()
             print(json.dumps({"rank": tp.rank, "steps": steps}), flush=True)
+            destroy_tp()
             return
     sync = StepSync(tp) if tp is not None else None
     pending = [encode(Dispatch(reqs))]
@@ -94,6 +95,7 @@ def run_rank(args: argparse.Namespace) -> None:
         json.dump({"tokens": tokens, "steps": steps, "kv_total": backend.stats().kv_total_tokens,
                    "num_layers": backend.engine.config.num_layers,
                    "pool_kv_heads": backend.engine.pool.k.shape[2]}, f)
+    destroy_tp()
 
 
 def main() -> None:

@@ -102,7 +102,10 @@ def init_tp(rank: int, world: int, store_path: str, device: torch.device | str,
 
 
 def destroy_tp() -> None:
+    """Leave the group (all ranks, after their last collective). Without it, gloo's threads abort the
+    process at exit."""
     global _TP
     if _TP is not None and dist.is_initialized():
+        dist.barrier(group=_TP.cpu_group)
         dist.destroy_process_group()
     _TP = None
