@@ -138,7 +138,10 @@ def tp_worker_procs(launcher_pid: int) -> dict[str, psutil.Process]:
     """worker process name (worker-0, worker-0-tp1) -> process."""
     out = {}
     for p in psutil.Process(launcher_pid).children(recursive=True):
-        cmd = p.cmdline()
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:  # gone, or a zombie not yet reaped (mid-restart)
+            continue
         if "procs.worker" in cmd:
             wid = cmd[cmd.index("--worker-id") + 1]
             rank = cmd[cmd.index("--tp-rank") + 1] if "--tp-rank" in cmd else "0"
