@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import Counter
 
 import msgspec
@@ -47,11 +48,12 @@ def requests(prompts: list[list[int]], max_new: int) -> list[TokenizedReq]:
 
 def run_rank(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    tp = init_tp(args.rank, args.world, args.store, args.device) if args.world > 1 else None
+    tp = init_tp(args.rank, args.world, args.store, args.device, backend=args.comm) if args.world > 1 else None
     count_model_collectives()
-    backend = create_backend("torch", BackendConfig(
-        model_path=args.model, device=args.device, dtype="float32", load_format="dummy" if args.dummy else "auto",
-        max_running=8, kv_cache_tokens=args.kv_tokens, chunk_size=args.chunk_size))
+    extra = dict(kv.split("=", 1) for kv in args.extra.split(",") if kv)
+    backend = create_backend(args.backend, BackendConfig(
+        model_path=args.model, device=args.device, dtype=args.dtype, load_format="dummy" if args.dummy else "auto",
+        max_running=8, kv_cache_tokens=args.kv_tokens, chunk_size=args.chunk_size, extra=extra))
     reqs = requests(json.loads(args.prompts), args.max_new)
     encode = msgspec.msgpack.Encoder().encode
     steps: list[dict[str, int]] = []
@@ -74,6 +76,7 @@ def run_rank(args: argparse.Namespace) -> None:
     sync = StepSync(tp) if tp is not None else None
     pending = [encode(Dispatch(reqs))]
     tokens: dict[str, list[int]] = {r.rid: [] for r in reqs}
+    step_s: list[float] = []  # rank 0's wall time of each engine step (host-synced by the sampler)
     while True:
         if sync is not None:
             sync.share(pending, backend)
@@ -83,7 +86,9 @@ def run_rank(args: argparse.Namespace) -> None:
         pending = []
         if backend.has_work():
             before = Counter(COUNTS)
+            t0 = time.perf_counter()
             out = backend.step()
+            step_s.append(time.perf_counter() - t0)
             steps.append(dict(COUNTS - before))
             for item in out.outputs:
                 tokens[item.rid] += item.token_ids
@@ -92,7 +97,7 @@ def run_rank(args: argparse.Namespace) -> None:
         else:
             pending = [encode(Shutdown())]
     with open(args.out, "w") as f:
-        json.dump({"tokens": tokens, "steps": steps, "kv_total": backend.stats().kv_total_tokens,
+        json.dump({"tokens": tokens, "steps": steps, "step_s": step_s, "kv_total": backend.stats().kv_total_tokens,
                    "num_layers": backend.engine.config.num_layers,
                    "pool_kv_heads": backend.engine.pool.k.shape[2]}, f)
     destroy_tp()
@@ -106,6 +111,10 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--dummy", action="store_true")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--extra", default="", help="backend options k=v,k=v (e.g. cuda_graph=0)")
+    p.add_argument("--comm", default=None, help="model group backend (default: nccl on CUDA, gloo on CPU)")
     p.add_argument("--prompts", required=True, help="JSON list of token id lists")
     p.add_argument("--max-new", type=int, default=8)
     p.add_argument("--kv-tokens", type=int, default=1024)
