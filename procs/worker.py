@@ -18,7 +18,7 @@ from minisgl import ipc
 from minisgl.backends.base import Backend, BackendConfig, StepOutput, create_backend
 from minisgl.config import ServerConfig
 from minisgl.distributed.checks import rank_device
-from minisgl.distributed.group import TPGroup, destroy_tp
+from minisgl.distributed.group import TPGroup, destroy_tp, exit_rank
 from minisgl.distributed.step_sync import FollowerLoop, StepSync, agree_on_kv_pool, apply
 from minisgl.messages import (
     Codec,
@@ -173,6 +173,7 @@ def main() -> None:
         pass
     if tp is not None:
         destroy_tp()
+        exit_rank(0)
     sys.exit(0)
 
 
@@ -187,7 +188,7 @@ def run_follower(cfg: ServerConfig, backend: Backend, tp: TPGroup, name: str) ->
     except KeyboardInterrupt:
         pass
     destroy_tp()
-    sys.exit(0)
+    exit_rank(0)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from minisgl.backends.base import BackendConfig, create_backend
-from minisgl.distributed.group import destroy_tp, get_tp, init_tp
+from minisgl.distributed.group import destroy_tp, exit_rank, get_tp, init_tp
 from minisgl.distributed.step_sync import FollowerLoop, StepSync, agree_on_kv_pool, apply
 from minisgl.messages import Dispatch, SamplingParams, Shutdown, TokenizedReq
 
@@ -48,6 +48,8 @@ def requests(prompts: list[list[int]], max_new: int) -> list[TokenizedReq]:
 
 def run_rank(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
+    if args.device == "cuda":  # one GPU per rank, as the worker does (gloo ranks may share one: cuda:0)
+        args.device = f"cuda:{args.rank}"
     tp = init_tp(args.rank, args.world, args.store, args.device, backend=args.comm) if args.world > 1 else None
     count_model_collectives()
     extra = dict(kv.split("=", 1) for kv in args.extra.split(",") if kv)
@@ -72,7 +74,7 @@ def run_rank(args: argparse.Namespace) -> None:
             FollowerLoop(backend, tp).run()
             print(json.dumps({"rank": tp.rank, "steps": steps}), flush=True)
             destroy_tp()
-            return
+            exit_rank(0)
     sync = StepSync(tp) if tp is not None else None
     pending = [encode(Dispatch(reqs))]
     tokens: dict[str, list[int]] = {r.rid: [] for r in reqs}
@@ -100,7 +102,9 @@ def run_rank(args: argparse.Namespace) -> None:
         json.dump({"tokens": tokens, "steps": steps, "step_s": step_s, "kv_total": backend.stats().kv_total_tokens,
                    "num_layers": backend.engine.config.num_layers,
                    "pool_kv_heads": backend.engine.pool.k.shape[2]}, f)
-    destroy_tp()
+    if tp is not None:
+        destroy_tp()
+        exit_rank(0)
 
 
 def main() -> None:
