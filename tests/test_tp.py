@@ -4,6 +4,7 @@ restarts its TP group as a group."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -29,14 +30,16 @@ def tiny_qwen3(default_model_dir, tmp_path_factory) -> Path:
 
 
 def run_ranks(world: int, model: Path, prompts: list[list[int]], tmp: Path, dummy: bool = False,
-              max_new: int = 10) -> dict:
+              max_new: int = 10, backend: str = "torch") -> dict:
     """tests/tp_ranks.py as `world` processes (or one without a group); rank 0's JSON, with every
     other rank's step counts under "followers"."""
     out = tmp / f"tp{world}.json"
     base = [sys.executable, "-m", "tests.tp_ranks", "--world", str(world), "--store", str(tmp / f"store{world}"),
-            "--model", str(model), "--prompts", json.dumps(prompts), "--max-new", str(max_new), "--out", str(out)]
+            "--model", str(model), "--prompts", json.dumps(prompts), "--max-new", str(max_new), "--out", str(out),
+            "--backend", backend]
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if backend == "sgl-cpu" else None
     procs = [subprocess.Popen(base + ["--rank", str(r)] + (["--dummy"] if dummy else []), cwd=REPO_ROOT,
-                              stdout=subprocess.PIPE, text=True) for r in range(world)]
+                              stdout=subprocess.PIPE, text=True, env=env) for r in range(world)]
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * world, outputs
     result = json.loads(out.read_text())
@@ -80,6 +83,17 @@ def test_tp2_dummy_qwen3_matches_tp1(tiny_qwen3, tmp_path) -> None:
     tp2 = run_ranks(2, tiny_qwen3, prompts, tmp_path, dummy=True)
     assert tp2["tokens"] == tp1["tokens"]
     assert len(set(tp1["tokens"]["r1"])) > 1, "degenerate output would hide a mismatch"
+    check_collectives(tp2, 2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_tp2_sgl_engine_path_matches_tp1(tiny_qwen3, tmp_path) -> None:
+    """The CUDA backend's engine (Triton paged decode kernel, its own batch layout; eager, under the Triton
+    interpreter) on 2 sharded ranks: the torch engine's TP=1 tokens."""
+    prompts = [[5, 17, 300, 4000, 12, 9], list(range(100, 140))]
+    tp1 = run_ranks(1, tiny_qwen3, prompts, tmp_path, dummy=True, max_new=6)
+    tp2 = run_ranks(2, tiny_qwen3, prompts, tmp_path, dummy=True, max_new=6, backend="sgl-cpu")
+    assert tp2["tokens"] == tp1["tokens"]
     check_collectives(tp2, 2)
 
 

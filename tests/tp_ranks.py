@@ -19,7 +19,7 @@ import msgspec
 import torch
 import torch.distributed as dist
 
-from minisgl.backends.base import BackendConfig, create_backend
+from minisgl.backends.base import BackendConfig, EngineBackend, create_backend
 from minisgl.distributed.group import destroy_tp, exit_rank, get_tp, init_tp
 from minisgl.distributed.step_sync import FollowerLoop, StepSync, agree_on_kv_pool, apply
 from minisgl.messages import Dispatch, SamplingParams, Shutdown, TokenizedReq
@@ -41,6 +41,31 @@ def count_model_collectives() -> None:
         setattr(dist, name, wrapped)
 
 
+class SGLEngineOnCPU(EngineBackend):
+    """--backend sgl-cpu: the sgl backend's engine (Triton decode kernel, its batch layout) on the CPU
+    under TRITON_INTERPRET=1, eager, as tests/test_sgl_backend.py runs it: the CUDA backend's code path
+    on sharded heads, without a GPU."""
+
+    name = "sgl-cpu"
+
+    def __init__(self, config: BackendConfig) -> None:
+        from minisgl.backends.sgl import SGLEngine
+        from minisgl.engine.engine import EngineConfig
+        from minisgl.models.loader import load_model
+        from tests.test_sgl_backend import _interpreter_numpy_shim
+
+        _interpreter_numpy_shim()
+
+        super().__init__(config)
+        model = load_model(config.model_path, "cpu", torch.float32, config.load_format)
+        mc = model.config
+        self.engine = SGLEngine(model, EngineConfig(
+            num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+            kv_tokens=config.kv_cache_tokens, max_context_len=mc.max_position_embeddings,
+            max_running=config.max_running, chunk_size=config.chunk_size), torch.device("cpu"), torch.float32,
+            cuda_graph_max_bs=0, warm_kernels=False)
+
+
 def requests(prompts: list[list[int]], max_new: int) -> list[TokenizedReq]:
     params = SamplingParams(max_new_tokens=max_new, temperature=0.0, ignore_eos=True)
     return [TokenizedReq(rid=f"r{i}", input_ids=ids, params=params, arrival=0.0) for i, ids in enumerate(prompts)]
@@ -53,9 +78,10 @@ def run_rank(args: argparse.Namespace) -> None:
     tp = init_tp(args.rank, args.world, args.store, args.device, backend=args.comm) if args.world > 1 else None
     count_model_collectives()
     extra = dict(kv.split("=", 1) for kv in args.extra.split(",") if kv)
-    backend = create_backend(args.backend, BackendConfig(
+    config = BackendConfig(
         model_path=args.model, device=args.device, dtype=args.dtype, load_format="dummy" if args.dummy else "auto",
-        max_running=8, kv_cache_tokens=args.kv_tokens, chunk_size=args.chunk_size, extra=extra))
+        max_running=8, kv_cache_tokens=args.kv_tokens, chunk_size=args.chunk_size, extra=extra)
+    backend = SGLEngineOnCPU(config) if args.backend == "sgl-cpu" else create_backend(args.backend, config)
     reqs = requests(json.loads(args.prompts), args.max_new)
     encode = msgspec.msgpack.Encoder().encode
     steps: list[dict[str, int]] = []
