@@ -16,8 +16,10 @@ output tokens, ignore_eos.
       divergence reported: partial sums round differently) and float32 (expected equal); (b) batch-1
       decode step time offline, TP=2 vs TP=1; (c) batch-1 TPOT through the gateway, --tp 2 vs --tp 1.
 
-Results are written after every measurement (a run cut short keeps what it had) to OUT/multi_gpu/
-(multi_gpu.json, multi_gpu.md, server logs) and packed into OUT/multi_gpu.tar.gz. --device cpu
+Results are written after every measurement (a run cut short keeps what it had) to OUT/STEM/ (STEM.json,
+STEM.md, server logs) and packed into OUT/STEM.tar.gz; STEM is multi_gpu, or multi_gpu_dp / multi_gpu_tp
+with --parts dp / tp. Both parts take ~8-9 minutes together: on the device tool (600 s a command) run
+them as two commands, `--parts dp` and `--parts tp`; --budget-s skips what would not fit. --device cpu
 --small runs the same code on a CPU (tiny Qwen3, 2 workers / TP=2 on gloo), which is how it was tested.
 """
 
@@ -53,6 +55,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "bench" / "configs" / "qwen3-0.6b"
 REPORT: dict[str, Any] = {"dp": {}, "tp": {}, "notes": []}
 LINES: list[str] = []
+STEM = ["multi_gpu"]  # multi_gpu_dp / multi_gpu_tp when --parts picks one, so two runs do not collide
 _RUNS = itertools.count()
 
 
@@ -306,8 +309,8 @@ def run_tp(args: argparse.Namespace, model_dir: Path, out: Path, tmp: Path, budg
 
 
 def save(out: Path) -> None:
-    (out / "multi_gpu.json").write_text(json.dumps(REPORT, indent=1, default=str))
-    md = ["# bench/multi_gpu.py", "", f"`{REPORT.get('command', '')}`", "", *[f"- {line}" for line in LINES]]
+    (out / f"{STEM[0]}.json").write_text(json.dumps(REPORT, indent=1, default=str))
+    md = [f"# bench/multi_gpu.py ({STEM[0]})", "", f"`{REPORT.get('command', '')}`", "", *[f"- {line}" for line in LINES]]
     dp = REPORT["dp"]
     if dp.get("one_gpu") or dp.get("two_gpus"):
         md += ["", "| system | c | out tok/s | TTFT p50 (s) | failed | gateway | tokenizer | scheduler | workers | clients |",
@@ -321,13 +324,13 @@ def save(out: Path) -> None:
                           f"{s['failed']} | {c.get('gateway', 0):.2f} | {c.get('tokenizer', 0):.2f} | "
                           f"{c.get('scheduler', 0):.2f} | {workers:.2f} | {clients:.2f} |")
         md += ["", "Cores: CPU seconds of the process during the level / its wall time."]
-    (out / "multi_gpu.md").write_text("\n".join(md) + "\n")
+    (out / f"{STEM[0]}.md").write_text("\n".join(md) + "\n")
 
 
 def pack(out: Path) -> Path:
-    tar = out.parent / "multi_gpu.tar.gz"
+    tar = out.parent / f"{STEM[0]}.tar.gz"
     with tarfile.open(tar, "w:gz") as t:
-        t.add(out, arcname="multi_gpu")
+        t.add(out, arcname=STEM[0])
     return tar
 
 
@@ -359,7 +362,9 @@ def main() -> int:
         return 0
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     budget = Budget(args.budget_s)
-    out = Path(args.out) / "multi_gpu"
+    parts = [x for x in args.parts.split(",") if x]
+    STEM[0] = "multi_gpu" if sorted(parts) == ["dp", "tp"] else "multi_gpu_" + "_".join(parts)
+    out = Path(args.out) / STEM[0]
     out.mkdir(parents=True, exist_ok=True)
     from minisgl.models.fetch import ensure_default_model
 

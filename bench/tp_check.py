@@ -164,18 +164,31 @@ def check_engine(args: argparse.Namespace, config: Path, tmp: Path) -> None:
 
 
 def check_graph(args: argparse.Namespace, config: Path, tmp: Path) -> None:
+    """In its own process, which ends without the interpreter's teardown (NCCL after graph capture)."""
+    result = tmp / "graph.json"
+    spawn([str(Path(__file__).resolve()), "--role", "graph", "--config", str(config), "--store", str(tmp / "graph.store"),
+           "--max-new", str(args.max_new), "--result", str(result)], 1)
+    r = json.loads(result.read_text())
+    RESULTS["graph"] = r
+    say(f"graph: NCCL all-reduce/all-gather captured in {r['step_kinds']['graph']} decode graph replays "
+        f"({r['collective_calls_in_graph_steps']} Python collective calls during them, 0 expected); greedy tokens "
+        f"{'EQUAL to' if r['equal'] else 'DIFFER from'} the unsharded engine's")
+
+
+def graph_rank(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from minisgl.backends.sgl import SGLEngine
-    from minisgl.distributed.group import destroy_tp, init_tp
+    from minisgl.distributed.group import destroy_tp, exit_rank, init_tp
     from minisgl.distributed.sharding import shard_model
     from minisgl.engine.engine import EngineConfig
     from minisgl.messages import SamplingParams, TokenizedReq
     from minisgl.models.loader import load_model
 
+    config = Path(args.config)
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
-    tp = init_tp(0, 1, str(tmp / "graph.store"), device)  # NCCL, one rank
+    tp = init_tp(0, 1, args.store, device)  # NCCL, one rank
     full = load_model(config, device, torch.bfloat16, "dummy")  # world 1: the loader does not shard
     sharded = shard_model(full, tp)  # world 1: the same weights, but every collective layer in place
     calls = {"n": 0}
@@ -212,12 +225,10 @@ def check_graph(args: argparse.Namespace, config: Path, tmp: Path) -> None:
     ref, _, _ = greedy(full)
     calls["n"] = 0
     got, replay_calls, kinds = greedy(sharded)
-    equal = got == ref
-    RESULTS["graph"] = {"equal": equal, "collective_calls_in_graph_steps": replay_calls, "step_kinds": kinds}
-    say(f"graph: NCCL all-reduce/all-gather captured in {kinds['graph']} decode graph replays "
-        f"({replay_calls} Python collective calls during them, 0 expected); greedy tokens "
-        f"{'EQUAL to' if equal else 'DIFFER from'} the unsharded engine's")
+    out = {"equal": got == ref, "collective_calls_in_graph_steps": replay_calls, "step_kinds": kinds}
+    Path(args.result).write_text(json.dumps(out))
     destroy_tp()
+    exit_rank(0)
 
 
 # ---------------------------------------------------------------- main
@@ -225,7 +236,7 @@ def check_graph(args: argparse.Namespace, config: Path, tmp: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--role", default="driver", choices=["driver", "forward"])
+    p.add_argument("--role", default="driver", choices=["driver", "forward", "graph"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", str(REPO / "bench" / "results")))
     p.add_argument("--worlds", default="2,4")
@@ -242,6 +253,9 @@ def main() -> int:
     args = p.parse_args()
     if args.role == "forward":
         forward_rank(args)
+        return 0
+    if args.role == "graph":
+        graph_rank(args)
         return 0
     args.worlds = [int(w) for w in args.worlds.split(",") if w]
     skip = set(args.skip.split(","))

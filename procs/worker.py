@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from typing import Callable
 
 import zmq
 
@@ -167,13 +168,12 @@ def main() -> None:
         return
     loop = WorkerLoop(cfg, args.worker_id, backend, StepSync(tp) if tp is not None else None)
     loop.warm_start(cfg.warm_prefixes)
+    if tp is not None:
+        run_rank(loop.run)
     try:
         loop.run()
     except KeyboardInterrupt:
         pass
-    if tp is not None:
-        destroy_tp()
-        exit_rank(0)
     sys.exit(0)
 
 
@@ -183,10 +183,16 @@ def run_follower(cfg: ServerConfig, backend: Backend, tp: TPGroup, name: str) ->
     ctx = zmq.Context()
     ipc.report_ready(ctx, cfg, name, backend=backend.name, device=backend.config.device, tp_rank=str(tp.rank))
     ctx.destroy(linger=0)
+    run_rank(FollowerLoop(backend, tp).run)
+
+
+def run_rank(loop: Callable[[], None]) -> None:
+    """A TP rank's loop, then its exit: after a Shutdown every rank leaves the group together; on
+    SIGTERM (or Ctrl-C) it exits at once (the other ranks may be gone: no collective to wait in)."""
     try:
-        FollowerLoop(backend, tp).run()
-    except KeyboardInterrupt:
-        pass
+        loop()
+    except (KeyboardInterrupt, SystemExit):
+        exit_rank(0)
     destroy_tp()
     exit_rank(0)
 

@@ -102,18 +102,18 @@ def init_tp(rank: int, world: int, store_path: str, device: torch.device | str,
 
 
 def destroy_tp() -> None:
-    """Leave the group (all ranks, after their last collective). Without it, gloo's threads abort the
-    process at exit."""
+    """An orderly end: every rank calls it after its last collective, then exit_rank. The groups are
+    not destroyed: ncclCommDestroy can hang after a CUDA graph captured NCCL work (pytorch#115388), and
+    the process ends right after without the interpreter's teardown anyway."""
     global _TP
     if _TP is not None and dist.is_initialized():
         dist.barrier(group=_TP.cpu_group)
-        dist.destroy_process_group()
     _TP = None
 
 
 def exit_rank(code: int = 0) -> None:
-    """End a TP rank's process after destroy_tp: skip the interpreter's teardown, where gloo's threads
-    (joinable std::threads in static objects) otherwise abort the process now and then."""
+    """End a TP rank's process: skip the interpreter's teardown, where gloo's threads (joinable
+    std::threads in static objects) abort the process now and then, and NCCL's may hang."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
