@@ -30,13 +30,13 @@ def tiny_qwen3(default_model_dir, tmp_path_factory) -> Path:
 
 
 def run_ranks(world: int, model: Path, prompts: list[list[int]], tmp: Path, dummy: bool = False,
-              max_new: int = 10, backend: str = "torch") -> dict:
+              max_new: int = 10, backend: str = "torch", kv_tokens: int = 1024) -> dict:
     """tests/tp_ranks.py as `world` processes (or one without a group); rank 0's JSON, with every
     other rank's step counts under "followers"."""
     out = tmp / f"tp{world}.json"
     base = [sys.executable, "-m", "tests.tp_ranks", "--world", str(world), "--store", str(tmp / f"store{world}"),
             "--model", str(model), "--prompts", json.dumps(prompts), "--max-new", str(max_new), "--out", str(out),
-            "--backend", backend]
+            "--backend", backend, "--kv-tokens", str(kv_tokens)]
     env = {**os.environ, "TRITON_INTERPRET": "1"} if backend == "sgl-cpu" else None
     procs = [subprocess.Popen(base + ["--rank", str(r)] + (["--dummy"] if dummy else []), cwd=REPO_ROOT,
                               stdout=subprocess.PIPE, text=True, env=env) for r in range(world)]
@@ -77,10 +77,11 @@ def test_tp3_embedded_model_matches_tp1(default_model_dir, tmp_path) -> None:
 
 
 def test_tp2_dummy_qwen3_matches_tp1(tiny_qwen3, tmp_path) -> None:
-    """Random Qwen3 weights (q/k norms, an untied lm_head), split 2 ways."""
-    prompts = [[5, 17, 300, 4000, 12, 9], list(range(100, 140))]
-    tp1 = run_ranks(1, tiny_qwen3, prompts, tmp_path, dummy=True)
-    tp2 = run_ranks(2, tiny_qwen3, prompts, tmp_path, dummy=True)
+    """Random Qwen3 weights (q/k norms, an untied lm_head), split 2 ways. The 1,500-token prompt makes
+    the Dispatch larger than the step broadcast's first block."""
+    prompts = [[5, 17, 300, 4000, 12, 9], list(range(100, 140)), list(range(20000, 21500))]
+    tp1 = run_ranks(1, tiny_qwen3, prompts, tmp_path, dummy=True, kv_tokens=4096)
+    tp2 = run_ranks(2, tiny_qwen3, prompts, tmp_path, dummy=True, kv_tokens=4096)
     assert tp2["tokens"] == tp1["tokens"]
     assert len(set(tp1["tokens"]["r1"])) > 1, "degenerate output would hide a mismatch"
     check_collectives(tp2, 2)

@@ -3,8 +3,8 @@
 Every rank runs the whole engine (scheduling, radix cache, sampling) on its share of the model. The
 engine is deterministic given its inputs, and the gathered logits are the same bits on every rank, so
 the ranks only need the same inputs in the same order: rank 0, the only one with sockets, broadcasts
-each loop iteration's scheduler messages over the host (gloo) group, as the msgspec bytes they came in
-(never pickle), and every rank applies them and then steps iff its engine has work. Rank 0 sends only
+each loop iteration's scheduler messages over the host (gloo) group (one 4 KB broadcast per step), as
+the msgspec bytes they came in (never pickle), and every rank applies them and then steps iff its engine has work. Rank 0 sends only
 when there is something to do, plus an empty heartbeat every HEARTBEAT_S while idle (a gloo wait has a
 timeout). Each broadcast carries rank 0's engine fingerprint (running, waiting, KV used) from before
 the messages; a rank whose own differs stops with an error: better than a deadlock in a collective.
@@ -41,14 +41,18 @@ def fingerprint(backend: Backend) -> tuple[int, int, int]:
 
 
 class StepSync:
-    """Rank 0: `share(msgs, backend)`; the other ranks: `receive()`. Two broadcasts per iteration on
-    the host group (the length, then the bytes); none on the model's NCCL group."""
+    """Rank 0: `share(msgs, backend)`; the other ranks: `receive()`. One broadcast of a fixed-size
+    block per iteration on the host group (its first 8 bytes give the length; a payload larger than
+    the block takes a second broadcast for the rest); none on the model's NCCL group."""
+
+    BLOCK = 4096  # bytes: a decode step's inputs (no new messages) are ~10, a Dispatch of one request ~1 KB
 
     def __init__(self, tp: TPGroup) -> None:
         self.tp = tp
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(StepInputs)
         self.last_sent = time.monotonic()
+        self._block = torch.zeros(self.BLOCK, dtype=torch.uint8)
 
     def due(self, msgs: list[bytes], backend: Backend) -> bool:
         """Whether rank 0 must broadcast this iteration."""
@@ -57,17 +61,25 @@ class StepSync:
     def share(self, msgs: list[bytes], backend: Backend) -> None:
         running, waiting, kv_used = fingerprint(backend)
         payload = self._encoder.encode(StepInputs(running, waiting, kv_used, msgs))
-        size = torch.tensor([len(payload)], dtype=torch.int64)
-        dist.broadcast(size, src=0, group=self.tp.cpu_group)
-        dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, group=self.tp.cpu_group)
+        data = len(payload).to_bytes(8, "little") + payload
+        head = data[:self.BLOCK]
+        self._block[:len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        dist.broadcast(self._block, src=0, group=self.tp.cpu_group)
+        if len(data) > self.BLOCK:
+            dist.broadcast(torch.frombuffer(bytearray(data[self.BLOCK:]), dtype=torch.uint8), src=0,
+                           group=self.tp.cpu_group)
         self.last_sent = time.monotonic()
 
     def receive(self) -> StepInputs:
-        size = torch.zeros(1, dtype=torch.int64)
-        dist.broadcast(size, src=0, group=self.tp.cpu_group)
-        buf = torch.empty(int(size.item()), dtype=torch.uint8)
-        dist.broadcast(buf, src=0, group=self.tp.cpu_group)
-        return self._decoder.decode(buf.numpy().tobytes())
+        dist.broadcast(self._block, src=0, group=self.tp.cpu_group)
+        head = self._block.numpy().tobytes()
+        size = int.from_bytes(head[:8], "little")
+        payload = head[8:8 + size]
+        if 8 + size > self.BLOCK:
+            rest = torch.empty(8 + size - self.BLOCK, dtype=torch.uint8)
+            dist.broadcast(rest, src=0, group=self.tp.cpu_group)
+            payload += rest.numpy().tobytes()
+        return self._decoder.decode(payload)
 
 
 def apply(backend: Backend, msg: object) -> bool:
