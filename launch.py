@@ -96,7 +96,7 @@ class Supervisor:
         self.codec = Codec(LauncherInMsg)
         self.decoder = ipc.FrameDecoder(LauncherInMsg, "launcher")
         self.children: list[Child] = [Child("scheduler", "procs.scheduler"), Child("tokenizer", "procs.tokenizer")]
-        self.children += [Child(f"worker-{i}", "procs.worker", ["--worker-id", str(i)]) for i in range(cfg.workers)]
+        self.children += worker_children(cfg)
         self.gateway = Child("gateway", "procs.gateway")
         self.stopping = False
         self.run_info: Path | None = None
@@ -173,17 +173,24 @@ class Supervisor:
         return 0
 
     def on_death(self, child: Child, code: int, now: float) -> bool:
-        """Schedule the restart of a dead child; False when it died too often (stop the tree)."""
+        """Schedule the restart of a dead child (a worker's whole TP group with it); False when it died
+        too often (stop the tree)."""
+        group = [child]
         if child.is_worker:  # fail (or re-queue) its requests now, not when the new one is up
-            ipc.send(self.to_scheduler, WorkerDied(int(child.name.split("-")[1]), code, pid=child.last_pid))
+            wid = worker_index(child)
+            rank0 = next((c for c in self.children if c.name == f"worker-{wid}"), child)
+            ipc.send(self.to_scheduler, WorkerDied(wid, code, pid=rank0.last_pid))  # the scheduler knows rank 0
         delay = child.policy.on_death(now)
         if delay is None:
             log.error("%s exited with code %s: %d deaths within %.0fs; giving up and stopping the server",
                       child.name, code, len(child.policy.deaths), RESTART_WINDOW_S)
             return False
+        if child.is_worker:
+            group = tp_group_for_restart(self.children, child)  # just `child` unless TP > 1
         log.error("%s exited with code %s; restarting it in %.1fs", child.name, code, delay)
-        child.proc = None
-        child.restart_at = now + delay
+        for c in group:
+            c.proc = None
+            c.restart_at = now + delay
         return True
 
     def shutdown(self) -> None:
@@ -212,6 +219,44 @@ class Supervisor:
                 p.wait()
 
 
+# ---------------------------------------------------------------- tensor-parallel worker groups
+
+
+def worker_index(child: Child) -> int:
+    return int(child.name.split("-")[1])  # worker-3, or worker-3-tp1 for its TP rank 1
+
+
+def worker_children(cfg: ServerConfig) -> list[Child]:
+    """One process per worker, or with --tp N, N per worker: rank 0 (`worker-i`, the one the scheduler
+    talks to) and ranks 1..N-1 (`worker-i-tpR`)."""
+    children = []
+    for i in range(cfg.workers):
+        children.append(Child(f"worker-{i}", "procs.worker", ["--worker-id", str(i)]))
+        children += [Child(f"worker-{i}-tp{r}", "procs.worker", ["--worker-id", str(i), "--tp-rank", str(r)])
+                     for r in range(1, cfg.tp)]
+    return children
+
+
+def tp_group_for_restart(children: list[Child], dead: Child) -> list[Child]:
+    """The processes to start again after `dead` died: its whole TP group (the survivors would wait in
+    a collective forever), stopped first, each told a new rendezvous generation. Same worker id and
+    ranks, so the same devices."""
+    group = [c for c in children if c.is_worker and worker_index(c) == worker_index(dead)]
+    if len(group) == 1:
+        return group
+    for c in group:
+        if c.proc is not None and c.proc.poll() is None:
+            c.proc.kill()
+            c.proc.wait()
+    gen = max(int(c.args[c.args.index("--tp-gen") + 1]) if "--tp-gen" in c.args else 0 for c in group) + 1
+    for c in group:
+        if "--tp-gen" in c.args:
+            c.args = c.args[:c.args.index("--tp-gen")]
+        c.args = c.args + ["--tp-gen", str(gen)]
+    log.info("restarting the TP group of worker-%d (%d ranks)", worker_index(dead), len(group))
+    return group
+
+
 # ---------------------------------------------------------------- configuration
 
 
@@ -233,7 +278,11 @@ def resolve_config(cfg: ServerConfig) -> ServerConfig:
     if cfg.enable_multi_device:
         import torch
 
-        workers = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else workers
+        # with --tp N: one worker per N devices
+        workers = max(1, torch.cuda.device_count() // cfg.tp) if torch.cuda.is_available() else workers
+    from minisgl.distributed.checks import check_tp_request
+
+    check_tp_request(cfg.tp, workers, backend, cfg.device, model_dir)
     check_port_free(cfg.host, cfg.port)
     clean_stale()
     runtime_dir = cfg.runtime_dir or tempfile.mkdtemp(prefix="minisgl-")

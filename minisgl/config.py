@@ -27,6 +27,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # workers and engine
     workers: int = 1
     enable_multi_device: bool = False
+    tp: int = 1  # tensor parallel: ranks (devices) per worker
     max_running: int = 64
     kv_cache_tokens: int = 0
     chunk_size: int = 512
@@ -141,6 +142,8 @@ FLAGS: dict[str, _Flag] = {
     "--backend": _Flag("BACKEND_IMPL", "backend", str, "auto | torch | sgl | mlx | hf (auto: sgl on CUDA, mlx on MPS with MLX, else torch)"),
     "--workers": _Flag("WORKERS", "workers", int, "number of worker processes (one per device on GPUs)"),
     "--enable-multi-device": _Flag("ENABLE_MULTI_DEVICE", "enable_multi_device", bool, "one worker per visible CUDA device"),
+    "--tp": _Flag("TP_SIZE", "tp", int, "tensor parallelism: split each worker's model over this many devices "
+                  "(ranks); --workers groups of --tp devices"),
     "--max-running": _Flag("MAX_RUNNING", "max_running", int, "requests decoded together per worker"),
     "--kv-cache-tokens": _Flag("KV_CACHE_TOKENS", "kv_cache_tokens", int, "KV pool size in tokens per worker (0: from memory)"),
     "--chunk-size": _Flag("CHUNK_SIZE", "chunk_size", int, "prefill tokens per engine step (chunked prefill)"),

@@ -18,6 +18,7 @@ import torch
 from minisgl.backends.base import BackendConfig, EngineBackend, register_backend
 from minisgl.cache.kv_pool import kv_bytes_per_token, tokens_for_memory
 from minisgl.config import switched_off
+from minisgl.distributed.group import tp_world
 from minisgl.engine import cpu_isa
 from minisgl.engine.cpu_forward import FusedCpuForward
 from minisgl.engine.cpu_kernels import load_cpu_kernels
@@ -42,7 +43,8 @@ class TorchBackend(EngineBackend):
         # Threads: torch's default is every physical core; the worker process divides them among CPU
         # workers before it builds us, so we leave the count alone.
         model = load_model(config.model_path, device, self._dtype(), config.load_format, seed=config.seed)
-        self.cpu_path = self._cpu_path(device)
+        # TP > 1 on CPU: the plain torch path (packing would swap out the vocab-parallel logits hook).
+        self.cpu_path = self._cpu_path(device) if tp_world() == 1 else "torch"
         packed = pack_linears(model) if self.cpu_path == "amx" and self._amx_linears() else 0
         mc = model.config
         dtype = next(model.parameters()).dtype

@@ -232,6 +232,13 @@ def load_model(
     load_format: auto (safetensors, else .gguf), safetensors, gguf, dummy (config.json only)."""
     model_dir = Path(model_dir)
     device = torch.device(device)
+    from minisgl.distributed.group import get_tp
+
+    tp = get_tp()
+    if tp is not None and tp.world > 1:  # a tensor-parallel rank: load only its shard
+        from minisgl.distributed.sharding import load_sharded_model
+
+        return load_sharded_model(model_dir, device, dtype, load_format, seed, tp)
     fmt = _resolve_format(model_dir, load_format)
     gguf_tensors: dict[str, torch.Tensor] | None = None
     if fmt == "gguf":
