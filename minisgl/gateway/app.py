@@ -43,7 +43,6 @@ from minisgl.messages import (
     GatewayInMsg,
     GenerateReq,
     Narration,
-    TextBatch,
     TextOut,
     TokenizeReply,
     TokenizeReq,
