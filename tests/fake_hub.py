@@ -34,6 +34,7 @@ class FakeHub:
     def __init__(self, port: int) -> None:
         self.repos: dict[str, FakeRepo] = {}
         self.log: list[tuple[str, str]] = []
+        self.auth: set[str] = set()  # Authorization headers seen (HF_TOKEN reaches the Hub)
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,10 +43,12 @@ class FakeHub:
 
             def do_HEAD(self) -> None:  # noqa: N802
                 hub.log.append(("HEAD", self.path))
+                hub.auth.add(self.headers.get("Authorization", ""))
                 hub.answer(self, head=True)
 
             def do_GET(self) -> None:  # noqa: N802
                 hub.log.append(("GET", self.path))
+                hub.auth.add(self.headers.get("Authorization", ""))
                 hub.answer(self, head=False)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)

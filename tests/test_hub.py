@@ -109,6 +109,7 @@ def test_model_by_name_downloads_once_serves_and_restarts_offline(hub: FakeHub, 
     assert f"downloading {REPO}" in log
     assert hub.fetched("model.safetensors") == 1 and hub.fetched("config.json") == 1
     assert hub.fetched("pytorch_model.bin") == 0, "only the files a checkpoint needs are fetched"
+    assert hub.auth == {"Bearer hf_fake_token_for_tests"}, "HF_TOKEN goes with every request"
     snapshots = list((hf_home / "hub" / "models--tiny-org--tiny-llama" / "snapshots").iterdir())
     assert len(snapshots) == 1 and (snapshots[0] / "model.safetensors").is_file()
 
