@@ -231,6 +231,19 @@ def test_gguf_match_is_exact_or_nothing(model, gguf_blocks: GgufBlocks) -> None:
     assert make_weight(nudged.bfloat16().float(), None, gguf_blocks, lossy_bf16=False).fmt == "bf16"  # exact
 
 
+def test_gguf_key_collisions_never_give_wrong_blocks(model, gguf_blocks: GgufBlocks,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row keys only propose a match; the exact comparison decides. With every key colliding each
+    lookup proposes the wrong rows, and find must then say no rather than return them."""
+    import minisgl.engine.cpu_weights as cw
+
+    w = model.model.layers[2].mlp.down_proj.weight.detach()
+    assert gguf_blocks.find(w) is not None
+    monkeypatch.setattr(cw, "_row_keys", lambda dense: [0] * dense.shape[0])
+    colliding = GgufBlocks(gguf_blocks.path, gguf_blocks.kernels)
+    assert colliding.find(w) is None
+
+
 def test_prompt_chunks_take_the_gemm(kernels: CpuKernels, model) -> None:
     """Rows above MAX_KERNEL_ROWS go to torch's float32 GEMM on the model's weight: same answer."""
     lin = model.model.layers[0].mlp.down_proj

@@ -305,9 +305,10 @@ void decode_attention_f32(const float *qkv, const float *q_norm_w, const float *
      q8_0   GGUF Q8_0, 34 bytes: fp16 d, 32 int8 q; w = d * q
      bf16   64 bytes, w = the bfloat16 widened;  f32  128 bytes
 
-   The float32 weights are those gguf-py's dequantization computes (d * q rounded, then + m rounded:
-   no fused multiply-add there), so the products are those of the dequantized float32 model; only the
-   order of the sums differs from a float32 GEMM. Threads split W into panels of NR rows; each panel
+   The float32 weights are exactly those gguf-py's dequantization computes (d * q, then + m, each
+   rounded to float32; d * q itself is exact, an 11-bit fp16 mantissa times a 4- or 8-bit integer, so
+   a fused multiply-add rounds the same), so the products are those of the dequantized float32 model;
+   only the order of the sums differs from a float32 GEMM. Threads split W into panels of NR rows; each panel
    is widened once into a float32 buffer (L1-resident), then every BR rows of x are multiplied by it
    with NR x BR vector accumulators, so at batch 16 the dequantization is paid once per weight and
    the loop is FMAs fed from L1. */
@@ -375,8 +376,8 @@ static inline float fp16_to_f32(const uint8_t *p) {
 }
 #endif
 
-/* An empty asm that "changes" v: keeps the compiler from fusing a multiply with the add after it
-   (gguf-py rounds both), and from folding a register operand back into a memory load. */
+/* An empty asm that "changes" v: keeps the compiler from folding a register operand back into a
+   memory load. */
 #if defined(__x86_64__) || defined(__i386__)
 #define NO_CONTRACT(v) __asm__("" : "+x"(v))
 #elif defined(__aarch64__)
@@ -396,9 +397,7 @@ static inline __attribute__((always_inline)) void widen_block(int fmt, const uin
             memcpy(&q8, b + 4 + (j % (NV / 2)) * VL, VL);
             vi q = __builtin_convertvector(q8, vi);
             q = j < NV / 2 ? (q & 15) : (q >> 4);
-            vf w = __builtin_convertvector(q, vf) * d;
-            NO_CONTRACT(w);
-            w = w + m;
+            const vf w = __builtin_convertvector(q, vf) * d + m; /* d * q is exact: a fused add rounds alike */
             memcpy(dst + j * VL, &w, sizeof w);
         }
     } else if (fmt == FMT_Q8_0) {
