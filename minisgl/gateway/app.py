@@ -1,7 +1,8 @@
 """The HTTP gateway: a Starlette app that streams text deltas. It holds no model and no tokenizer.
 
-Each request gets an id and an asyncio queue; one reader task takes TextBatch messages off the gateway's
-PULL socket and hands every item to its request's queue. The first item decides the HTTP status (a
+Each request gets an id and an asyncio queue (its n choices, when it asks several, are engine requests
+sharing that queue); one reader task takes TextBatch messages off the gateway's PULL socket and hands
+every item to its request's queue (TokenizeReply answers /tokenize; Narration feeds the dashboard). The first item decides the HTTP status (a
 request refused by the tokenizer or scheduler gets its 4xx/5xx before any byte is streamed).
 """
 
