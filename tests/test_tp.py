@@ -164,32 +164,37 @@ def tp_worker_procs(launcher_pid: int) -> dict[str, psutil.Process]:
     return out
 
 
-def test_server_with_tp2_answers_and_restarts_its_group(tiny_qwen3, tmp_path_factory) -> None:
-    server = start_server(["--model-local-dir", str(tiny_qwen3), "--load-format", "dummy", "--tp", "2",
-                           "--kv-cache-tokens", "2048", "--max-running", "8"], tmp_path_factory, "tp2-server")
+def test_server_with_two_tp2_workers_answers_and_restarts_one_group(tiny_qwen3, tmp_path_factory) -> None:
+    """DP x TP: --workers 2 --tp 2 is two workers to the scheduler, four rank processes. Killing one
+    rank restarts its worker's group (both ranks, same ids and ranks: the same devices), not the other."""
+    server = start_server(["--model-local-dir", str(tiny_qwen3), "--load-format", "dummy", "--workers", "2",
+                           "--tp", "2", "--kv-cache-tokens", "2048", "--max-running", "8"], tmp_path_factory,
+                          "tp2-server")
     body = {"prompt": "Tell me about tensors.", "raw": True, "max_new_tokens": 12, "ignore_eos": True}
     try:
         text, events = stream_generate(server.url, body)
         done = events[-1]
-        assert done["event"] == "done" and done["usage"]["completion_tokens"] == 12 and done["worker_id"] == 0
+        assert done["event"] == "done" and done["usage"]["completion_tokens"] == 12
         metrics = httpx.get(server.url + "/metrics", headers={"Accept": "application/json"}, timeout=10).json()
-        assert len(metrics["scheduler"]["workers"]) == 1  # two ranks, one worker to the scheduler
+        assert len(metrics["scheduler"]["workers"]) == 2  # four ranks, two workers to the scheduler
         before = tp_worker_procs(server.pid)
-        assert sorted(before) == ["worker-0", "worker-0-tp1"]
+        assert sorted(before) == ["worker-0", "worker-0-tp1", "worker-1", "worker-1-tp1"]
         old_cmds = {name: p.cmdline() for name, p in before.items()}
         os.kill(before["worker-0-tp1"].pid, signal.SIGKILL)  # rank 0 would wait on it forever
 
         def restarted() -> dict[str, psutil.Process] | None:
             now = tp_worker_procs(server.pid)
-            ok = sorted(now) == sorted(before) and all(now[k].pid != before[k].pid for k in now)
+            ok = sorted(now) == sorted(before) and all(now[k].pid != before[k].pid for k in ("worker-0", "worker-0-tp1"))
             return now if ok else None
 
         after = wait_for(restarted, timeout=60)
         assert after, f"the TP group was not restarted as a group: {tp_worker_procs(server.pid)}"
-        for name in before:  # same worker id and rank (so the same devices); a fresh rendezvous
+        assert all(after[k].pid == before[k].pid for k in ("worker-1", "worker-1-tp1"))  # the other group lives on
+        for name in ("worker-0", "worker-0-tp1"):  # same worker id and rank (so the same devices); a fresh rendezvous
             old, new = old_cmds[name], after[name].cmdline()
             assert new[:len(old)] == old and new[len(old):][0] == "--tp-gen"
-        again, events = stream_generate(server.url, body, timeout=120)  # waits for the group to be up
-        assert events[-1]["event"] == "done" and again == text  # greedy: the same answer from the new group
+        for _ in range(2):  # one request per worker (round robin); both hold the same seeded weights
+            again, events = stream_generate(server.url, body, timeout=120)
+            assert events[-1]["event"] == "done" and again == text  # greedy: the same answer
     finally:
         server.stop()
