@@ -105,12 +105,13 @@ def run_rank(args: argparse.Namespace) -> None:
     pending = [encode(Dispatch(reqs))]
     tokens: dict[str, list[int]] = {r.rid: [] for r in reqs}
     step_s: list[float] = []  # rank 0's wall time of each engine step (host-synced by the sampler)
+    live: set[str] = set()
     while True:
         if sync is not None:
             sync.share(pending, backend)
         stop = False
         for data in pending:
-            stop = not apply(backend, msgspec.msgpack.decode(data, type=Dispatch | Shutdown)) or stop
+            stop = not apply(backend, msgspec.msgpack.decode(data, type=Dispatch | Shutdown), live) or stop
         pending = []
         if backend.has_work():
             before = Counter(COUNTS)
