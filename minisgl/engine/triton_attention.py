@@ -43,6 +43,32 @@ MAX_SPLITS = 16
 
 
 @triton.jit
+def attend_block(q, K, V, table_row, offs_n, mask_n, keep, offs_d, mask_d, kvh,
+                 stride_ks, stride_kh, stride_vs, stride_vh, qk_scale, m, l, acc, IEEE: tl.constexpr):
+    """One block of keys of an online softmax (shared by the decode and extend kernels): K/V read in
+    place through the page-table row at offs_n (mask_n), scores outside `keep` dropped; returns the
+    updated running max m (log2 units), sum l and accumulator acc."""
+    slots = tl.load(table_row + offs_n, mask=mask_n, other=0).to(tl.int64)
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + slots[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    qk = tl.where(keep, qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(qk, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    v = tl.load(V + slots[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l, acc
+
+
+@triton.jit
 def _decode_partial(Q, K, V, Table, Rows, SeqLens, MidO, MidLse,
                     stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tr,
                     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
@@ -72,24 +98,8 @@ def _decode_partial(Q, K, V, Table, Rows, SeqLens, MidO, MidLse,
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        slots = tl.load(table_row + offs_n, mask=mask_n, other=0).to(tl.int64)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + slots[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(qk, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        v = tl.load(V + slots[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        m, l, acc = attend_block(q, K, V, table_row, offs_n, mask_n, mask_n[None, :], offs_d, mask_d, kvh,
+                                 stride_ks, stride_kh, stride_vs, stride_vh, qk_scale, m, l, acc, IEEE)
     has = end > start
     safe_l = tl.where(has, l, 1.0)
     out = acc / safe_l[:, None]

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from minisgl.engine.triton_attention import attend_block
 from minisgl.models.layers import RMSNorm, SiluMLP
 
 LOG2E = 1.4426950408889634
@@ -215,25 +216,9 @@ def _extend_kernel(Q, K, V, O, Table, Meta, num_blocks, num_segs,
     for n0 in range(0, kv_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < kv_end
-        slots = tl.load(table_row + offs_n, mask=mask_n, other=0).to(tl.int64)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + slots[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        keep = mask_n[None, :] & (offs_n[None, :] <= qpos[:, None])
-        qk = tl.where(keep, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + slots[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        keep = mask_n[None, :] & (offs_n[None, :] <= qpos[:, None])  # causal within the chunk
+        m_i, l_i, acc = attend_block(q, K, V, table_row, offs_n, mask_n, keep, offs_d, mask_d, kvh,
+                                     stride_ks, stride_kh, stride_vs, stride_vh, qk_scale, m_i, l_i, acc, IEEE)
     out = acc / l_i[:, None]
     tl.store(O + (q0 + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
