@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from minisgl import ipc  # noqa: E402
 from minisgl.control import launcher_alive, run_info_path  # noqa: E402
 from minisgl.config import ServerConfig, add_config_flags, config_from_args, device_sized  # noqa: E402
-from minisgl.messages import Codec, LauncherInMsg, ProcReady, WorkerDied  # noqa: E402
+from minisgl.messages import LauncherInMsg, ProcReady, WorkerDied  # noqa: E402
 
 log = logging.getLogger("minisgl.launch")
 
@@ -93,7 +93,6 @@ class Supervisor:
         self.ctx = zmq.Context()
         self.ready_sock = ipc.bind_pull(self.ctx, cfg.endpoint("launcher"))
         self.to_scheduler = ipc.connect_push(self.ctx, cfg.endpoint("scheduler"))
-        self.codec = Codec(LauncherInMsg)
         self.decoder = ipc.FrameDecoder(LauncherInMsg, "launcher")
         self.children: list[Child] = [Child("scheduler", "procs.scheduler"), Child("tokenizer", "procs.tokenizer")]
         self.children += worker_children(cfg)
@@ -129,7 +128,9 @@ class Supervisor:
                 if child.name in names and child.proc is not None and child.proc.poll() is not None:
                     raise RuntimeError(f"{child.name} exited with code {child.proc.returncode} during start-up")
             if self.ready_sock.poll(200):
-                msg: ProcReady = self.codec.decode(self.ready_sock.recv())
+                msg: ProcReady | None = self.decoder.decode(self.ready_sock.recv())
+                if msg is None:
+                    continue
                 names.discard(msg.name)
                 log.info("%s ready %s", msg.name, " ".join(f"{k}={v}" for k, v in msg.info.items() if v))
 

@@ -141,10 +141,13 @@ def generate_payload(prompt: str | None = None, messages: list[dict[str, str]] |
 
 async def astream_generate(client: httpx.AsyncClient, base_url: str, payload: dict[str, Any],
                            on_delta: Callable[[str], None] | None = None) -> StreamResult:
-    t0 = time.perf_counter()
-    tracker = _Tracker(t0, on_delta)
+    return await _astream(client, base_url.rstrip("/") + "/generate", payload, _Tracker(time.perf_counter(), on_delta))
+
+
+async def _astream(client: httpx.AsyncClient, url: str, body: dict[str, Any], tracker: _Tracker) -> StreamResult:
+    """POST body to url and feed every streamed line to tracker (its t0 is the request's start)."""
     try:
-        async with client.stream("POST", base_url.rstrip("/") + "/generate", json=payload) as resp:
+        async with client.stream("POST", url, json=body) as resp:
             tracker.res.status = resp.status_code
             if resp.status_code != 200:
                 tracker._fail(http_error_message(resp.status_code, await resp.aread()), resp.status_code)
@@ -211,19 +214,7 @@ async def astream_openai(client: httpx.AsyncClient, base_url: str, payload: dict
     """astream_generate's twin for any OpenAI-compatible server (vLLM, ours): the same /generate
     payload, sent as the equivalent streaming chat/completions request."""
     path, body = openai_request(payload, model)
-    t0 = time.perf_counter()
-    tracker = _OpenAITracker(t0, on_delta)
-    try:
-        async with client.stream("POST", base_url.rstrip("/") + path, json=body) as resp:
-            tracker.res.status = resp.status_code
-            if resp.status_code != 200:
-                tracker._fail(http_error_message(resp.status_code, await resp.aread()), resp.status_code)
-            else:
-                async for line in resp.aiter_lines():
-                    tracker.feed(line, time.perf_counter())
-    except httpx.HTTPError as exc:
-        tracker._fail(f"{type(exc).__name__}: {exc}", 0)
-    res = tracker.finish(time.perf_counter())
+    res = await _astream(client, base_url.rstrip("/") + path, body, _OpenAITracker(time.perf_counter(), on_delta))
     if res.ok and res.completion_tokens == 0:
         res.ok, res.error = False, "no usage in the stream"
     return res

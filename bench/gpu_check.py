@@ -197,10 +197,10 @@ def tune_kernel() -> None:
 # ---------------------------------------------------------------- model-level checks
 
 
-def make_backend(name: str, dtype: str, **extra):
+def make_backend(name: str, dtype: str, model_dir: Path = CONFIG, **extra):
     from minisgl.backends.base import BackendConfig, create_backend
 
-    return create_backend(name, BackendConfig(model_path=str(CONFIG), device="cuda", dtype=dtype, load_format="dummy",
+    return create_backend(name, BackendConfig(model_path=str(model_dir), device="cuda", dtype=dtype, load_format="dummy",
                                               max_running=extra.pop("max_running", 16),
                                               kv_cache_tokens=extra.pop("kv_cache_tokens", 32768),
                                               chunk_size=extra.pop("chunk_size", 512), seed=0,

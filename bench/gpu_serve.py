@@ -33,7 +33,6 @@ import logging
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -46,6 +45,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+
+from bench.gpu_check import free, generate, make_backend  # the same in-process helpers
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "bench" / "configs" / "qwen3-0.6b"
@@ -175,36 +176,6 @@ def check_kernels() -> None:
 # ---------------------------------------------------------------- in-process engine checks
 
 
-def make_backend(model_dir: Path, name: str, dtype: str, **extra: Any):
-    from minisgl.backends.base import BackendConfig, create_backend
-
-    return create_backend(name, BackendConfig(model_path=str(model_dir), device="cuda", dtype=dtype, load_format="dummy",
-                                              max_running=extra.pop("max_running", 16),
-                                              kv_cache_tokens=extra.pop("kv_cache_tokens", 32768),
-                                              chunk_size=extra.pop("chunk_size", 512), seed=0,
-                                              extra={k: str(v) for k, v in extra.items()}))
-
-
-def free(backend) -> None:
-    backend.shutdown()
-    del backend
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
-def generate(backend, prompts: list[list[int]], max_new: int) -> dict[str, list[int]]:
-    from minisgl.messages import SamplingParams, TokenizedReq
-
-    for i, p in enumerate(prompts):
-        backend.add_request(TokenizedReq(rid=str(i), input_ids=p, arrival=0.0,
-                                         params=SamplingParams(max_new_tokens=max_new, ignore_eos=True)))
-    tokens: dict[str, list[int]] = {}
-    while backend.has_work():
-        for item in backend.step().outputs:
-            tokens.setdefault(item.rid, []).extend(item.token_ids)
-    return tokens
-
-
 SGL_VARIANTS: dict[str, dict[str, Any]] = {
     "sgl": {},  # the default: CUDA graphs, fused kernels, extend kernel, overlap scheduling
     "sgl-sync": {"overlap": 0},
@@ -223,7 +194,7 @@ def check_greedy(model_dir: Path) -> None:
     max_new = 32
     runs = {}
     for name, extra in (("torch", {}), *SGL_VARIANTS.items()):
-        be = make_backend(model_dir, name.split("-")[0], "float32", chunk_size=256, **extra)
+        be = make_backend(name.split("-")[0], "float32", model_dir=model_dir, chunk_size=256, **extra)
         runs[name] = generate(be, prompts, max_new)
         free(be)
     out = {}
@@ -247,7 +218,7 @@ def time_steps(model_dir: Path) -> None:
     rows = []
     variants = (("sgl", {}), ("sgl-sync", {"overlap": 0}), ("sgl-unfused-sync", {"fused": 0, "extend_kernel": 0, "overlap": 0}))
     for name, extra in variants:
-        be = make_backend(model_dir, "sgl", "bfloat16", max_running=256, kv_cache_tokens=300_000, chunk_size=8192,
+        be = make_backend("sgl", "bfloat16", model_dir=model_dir, max_running=256, kv_cache_tokens=300_000, chunk_size=8192,
                           **extra)
         for bsz in (1, 64, 256):
             for i in range(bsz):

@@ -11,7 +11,6 @@ Flow (see DESIGN.md):
 
 from __future__ import annotations
 
-import msgspec
 from msgspec import Struct
 
 # Finish reasons, as OpenAI spells them, plus "abort" (client went away / stop string) and "error".
@@ -278,17 +277,3 @@ SchedulerInMsg = TokenizedReq | AbortReq | WorkerStatus | WorkerDied | WorkerUp
 WorkerInMsg = Dispatch | AbortReq | InsertPrefix | FlushCache | Shutdown | PeerRestarted
 GatewayInMsg = TextBatch | PeerRestarted | TokenizeReply | Narration
 LauncherInMsg = ProcReady
-
-
-class Codec:
-    """A msgpack encoder plus a decoder for one socket's union type."""
-
-    def __init__(self, union: object) -> None:
-        self.encoder = msgspec.msgpack.Encoder()
-        self.decoder = msgspec.msgpack.Decoder(union)
-
-    def encode(self, msg: Struct) -> bytes:
-        return self.encoder.encode(msg)
-
-    def decode(self, data: bytes):  # noqa: ANN201 - returns a member of the union
-        return self.decoder.decode(data)
