@@ -1,6 +1,6 @@
 """In-process timings of the `torch` backend on a CPU: each CPU path side by side, and the idle effect.
 
-No HTTP, no processes: one backend per CPU path (engine/cpu_isa.py: amx, avx512, avx2, and torch, the
+No HTTP, no processes: one backend per CPU path (engine/cpu/isa.py: amx, avx512, avx2, and torch, the
 model's own float32 torch ops) on the default model in one process, stepped in alternating rounds so
 that the machine's drift hits all alike. The paths default to every one this CPU can run (amx too:
 oneDNN runs its bfloat16 matmuls without AMX tiles, slower); speed-ups are against `torch`.
@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a file: make `bench` and `minisgl` impor
 from bench.common import RESULTS_DIR, command_line, machine_info
 
 def default_paths() -> list[str]:
-    from minisgl.engine import cpu_isa
+    from minisgl.engine.cpu import isa as cpu_isa
 
     paths = cpu_isa.supported()
     if "amx" not in paths and cpu_isa._can_force("amx"):
@@ -44,9 +44,10 @@ def default_paths() -> list[str]:
 
 
 def make_backends(seed: int, paths: list[str]) -> dict[str, Any]:
-    from minisgl.backends.base import BackendConfig, create_backend
-    from minisgl.engine import cpu_isa
-    from minisgl.models.fetch import ensure_default_model
+    from minisgl.backends.base import BackendConfig
+    from minisgl.backends.registry import create_backend
+    from minisgl.engine.cpu import isa as cpu_isa
+    from minisgl.assets.embedded import ensure_default_model
 
     model_dir = ensure_default_model(quiet=True)
     backends = {}

@@ -73,7 +73,7 @@ def rand_case(bsz: int, heads: int, kv_heads: int, d: int, max_len: int, dtype: 
 def check_kernel() -> None:
     from minisgl.cache.kv_pool import KVPool
     from minisgl.engine.attention import PagedAttention
-    from minisgl.engine.triton_attention import decode_attention, decode_attention_reference, decode_params
+    from minisgl.engine.cuda.triton_attention import decode_attention, decode_attention_reference, decode_params
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator().manual_seed(0)
@@ -129,7 +129,7 @@ def tune_kernel() -> None:
 
     from minisgl.engine.attention import PagedAttention
     from minisgl.cache.kv_pool import KVPool
-    from minisgl.engine.triton_attention import DecodeScratch, decode_attention, decode_params
+    from minisgl.engine.cuda.triton_attention import DecodeScratch, decode_attention, decode_params
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator().manual_seed(1)
@@ -198,7 +198,8 @@ def tune_kernel() -> None:
 
 
 def make_backend(name: str, dtype: str, model_dir: Path = CONFIG, **extra):
-    from minisgl.backends.base import BackendConfig, create_backend
+    from minisgl.backends.base import BackendConfig
+    from minisgl.backends.registry import create_backend
 
     return create_backend(name, BackendConfig(model_path=str(model_dir), device="cuda", dtype=dtype, load_format="dummy",
                                               max_running=extra.pop("max_running", 16),
@@ -359,7 +360,7 @@ class Timers:
 def offline_breakdown(out_dir: Path, argv: list[str], label: str) -> None:
     """bench/offline.py in this process, with every engine step timed and split into its parts."""
     import bench.offline as off
-    from minisgl.backends.sgl import SGLEngine
+    from minisgl.engine.cuda.engine import SGLEngine
     from minisgl.engine.sampler import Sampler
 
     timers = Timers()
@@ -442,7 +443,7 @@ def main() -> int:
         return 0
     import triton
 
-    from minisgl.backends.sgl import kernel_path
+    from minisgl.backends.sgl_backend import kernel_path
 
     say(f"device {torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}, "
         f"kernels {kernel_path()}")

@@ -99,7 +99,7 @@ def save_random_weights(dest: Path) -> None:
 
 
 def default_tokenizer_dir() -> Path:
-    from minisgl.models.fetch import resolve_model_dir
+    from minisgl.assets.embedded import resolve_model_dir
 
     return resolve_model_dir(None, None)
 
@@ -115,7 +115,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def check_kernels() -> None:
     import torch.nn.functional as F
 
-    from minisgl.engine.triton_fused import (add_rmsnorm, extend_attention, extend_attention_reference,
+    from minisgl.engine.cuda.triton_fused import (add_rmsnorm, extend_attention, extend_attention_reference,
                                              extend_meta, qk_norm_rope_store, silu_mul)
     from minisgl.models.layers import RotaryEmbedding, apply_rope
 

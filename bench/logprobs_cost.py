@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from minisgl.backends.base import BackendConfig, create_backend
-    from minisgl.models.fetch import ensure_default_model
+    from minisgl.backends.base import BackendConfig
+    from minisgl.backends.registry import create_backend
+    from minisgl.assets.embedded import ensure_default_model
 
     backend = create_backend("torch", BackendConfig(model_path=str(ensure_default_model(quiet=True)), device="cpu"))
     rng = random.Random(0)

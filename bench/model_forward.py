@@ -161,7 +161,7 @@ def main() -> None:
         model_dir = Path(tempfile.mkdtemp(prefix="minisgl-bench-"))
         transformers.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     elif model_dir is None:
-        from minisgl.models.fetch import ensure_default_model
+        from minisgl.assets.embedded import ensure_default_model
 
         model_dir = Path(ensure_default_model())
     ours = load_model(model_dir, device=device, dtype=dtype)

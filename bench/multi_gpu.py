@@ -366,7 +366,7 @@ def main() -> int:
     STEM[0] = "multi_gpu" if sorted(parts) == ["dp", "tp"] else "multi_gpu_" + "_".join(parts)
     out = Path(args.out) / STEM[0]
     out.mkdir(parents=True, exist_ok=True)
-    from minisgl.models.fetch import ensure_default_model
+    from minisgl.assets.embedded import ensure_default_model
 
     REPORT.update(command=command_line(), machine=machine_info(), settings={k: v for k, v in vars(args).items()})
     failed = False

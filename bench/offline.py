@@ -196,7 +196,7 @@ def resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
     """(checkpoint dir, load format): --model-dir (or 'default') wins; else --config with dummy weights."""
     if args.model_dir:
         if args.model_dir == "default":
-            from minisgl.models.fetch import ensure_default_model
+            from minisgl.assets.embedded import ensure_default_model
 
             return ensure_default_model(), args.load_format or "auto"
         return Path(args.model_dir), args.load_format or "auto"
@@ -269,8 +269,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from minisgl.backends.base import BackendConfig, create_backend, default_backend_name
-    from minisgl.models.loader import load_config
+    from minisgl.backends.base import BackendConfig
+    from minisgl.backends.registry import create_backend, default_backend_name
+    from minisgl.models.config import load_config
 
     model_dir, load_format = resolve_model(args)
     cfg = load_config(model_dir)

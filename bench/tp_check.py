@@ -63,7 +63,7 @@ def small_config_dir(tmp: Path) -> Path:
 
 def forward_rank(args: argparse.Namespace) -> None:
     from minisgl.distributed.group import destroy_tp, init_tp
-    from minisgl.distributed.sharding import load_sharded_model
+    from minisgl.models.sharding import load_sharded_model
     from minisgl.models import DenseContext, load_config
     from minisgl.models.loader import build_empty_model, init_dummy_weights
 
@@ -178,10 +178,10 @@ def check_graph(args: argparse.Namespace, config: Path, tmp: Path) -> None:
 def graph_rank(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    from minisgl.backends.sgl import SGLEngine
+    from minisgl.engine.cuda.engine import SGLEngine
     from minisgl.distributed.group import destroy_tp, exit_rank, init_tp
-    from minisgl.distributed.sharding import shard_model
-    from minisgl.engine.engine import EngineConfig
+    from minisgl.models.sharding import shard_model
+    from minisgl.engine import EngineConfig
     from minisgl.messages import SamplingParams, TokenizedReq
     from minisgl.models.loader import load_model
 
@@ -206,7 +206,7 @@ def graph_rank(args: argparse.Namespace) -> None:
     def greedy(model: torch.nn.Module) -> tuple[dict[str, list[int]], int, dict[str, int]]:
         mc = model.config
         eng = SGLEngine(model, EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads,
-                                            head_dim=mc.head_dim, kv_tokens=8192, max_context_len=4096,
+                                            head_dim=mc.head_dim, kv_tokens=8192, max_model_len=4096,
                                             max_running=8, chunk_size=512), device, torch.bfloat16, 8)
         params = SamplingParams(max_new_tokens=args.max_new, ignore_eos=True)
         for i, ids in enumerate(prompts):

@@ -1,65 +1,90 @@
 """Server configuration: one frozen Struct, filled from flags whose defaults come from env vars.
 
-`launch.py` builds it once and hands it to every child process as JSON (env var MINISGL_CONFIG), so
-all processes agree on endpoints and limits without re-parsing anything.
+The launcher (minisgl/launcher.py) builds it once and hands it to every child process as JSON (env var
+MINISGL_CONFIG), so all processes agree on endpoints and limits without re-parsing anything. The layers
+below derive from it rather than copy it: BackendConfig (a worker's view, here) and EngineConfig
+(minisgl/engine/config.py, with the model's shape and the KV pool size added at load).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 
 
+def flag(help: str, env: str = "", sep: str = "") -> msgspec.Meta:
+    """A ServerConfig field that is also a launch flag (see _flags): its help, and its env var where that
+    is not the field's name in capitals."""
+    extra = {k: v for k, v in (("env", env), ("sep", sep)) if v}
+    return msgspec.Meta(description=help, extra=extra)
+
+
 class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # model
-    model_name: str | None = None
-    model_local_dir: str | None = None
-    revision: str | None = None  # of a Hub model (branch, tag or commit)
-    model_path: str = ""  # resolved checkpoint directory (filled by launch.py)
-    load_format: str = "auto"
-    dtype: str = "auto"
-    device: str = "auto"
-    backend: str = "auto"
+    model_name: Annotated[str | None, flag(
+        "model to serve (default: embedded SmolLM2-135M-Instruct)")] = None
+    model_local_dir: Annotated[str | None, flag(
+        "local Hugging Face checkpoint directory (wins over --model-name)")] = None
+    revision: Annotated[str | None, flag(
+        "Hub revision of MODEL_NAME: branch, tag or commit (default main)", env="MODEL_REVISION")] = None
+    model_path: str = ""  # resolved checkpoint directory (filled by the launcher)
+    load_format: Annotated[str, flag(
+        "auto | safetensors | gguf | dummy (random weights from config.json)")] = "auto"
+    dtype: Annotated[str, flag("auto | float32 | bfloat16 | float16")] = "auto"
+    device: Annotated[str, flag("auto | cpu | cuda | mps")] = "auto"
+    backend: Annotated[str, flag("auto, or one of the backends", env="BACKEND_IMPL")] = "auto"
     # workers and engine
-    workers: int = 1
-    enable_multi_device: bool = False
-    tp: int = 1  # tensor parallel: ranks (devices) per worker
-    max_running: int = 64
-    kv_cache_tokens: int = 0
-    chunk_size: int = 512
-    max_model_len: int = 0
-    hf_concurrency: int = 16
+    workers: Annotated[int, flag("number of worker processes (one per device on GPUs)")] = 1
+    enable_multi_device: Annotated[bool, flag("one worker per visible CUDA device")] = False
+    tp: Annotated[int, flag("tensor parallelism: split each worker's model over this many devices (ranks); "
+                        "--workers groups of --tp devices", env="TP_SIZE")] = 1
+    max_running: Annotated[int, flag("requests decoded together per worker")] = 64
+    kv_cache_tokens: Annotated[int, flag("KV pool size in tokens per worker (0: from memory)")] = 0
+    chunk_size: Annotated[int, flag("prefill tokens per engine step (chunked prefill)")] = 512
+    max_model_len: Annotated[int, flag("context window (0: the model's)")] = 0
+    hf_concurrency: Annotated[int, flag("hf backend: generate() calls at once")] = 16
     # scheduler
-    scheduler_mode: str = "round_robin"
-    max_inflight_total: int = 256
-    max_inflight_per_engine: int = 64
-    max_queue: int = 1024
-    queue_timeout_s: float = 120.0
-    adaptive_max_new_tokens: bool = True  # only once more work is in flight than the workers can run
+    scheduler_mode: Annotated[str, flag("round_robin | fcfs | random | cache_aware")] = "round_robin"
+    max_inflight_total: Annotated[int, flag("requests dispatched to all workers at most")] = 256
+    max_inflight_per_engine: Annotated[int, flag("requests dispatched to one worker at most")] = 64
+    max_queue: Annotated[int, flag(
+        "requests waiting in the scheduler at most; beyond it: HTTP 429")] = 1024
+    queue_timeout_s: Annotated[float, flag("seconds a request may wait in the queue before a 503")] = 120.0
+    # only once more work is in flight than the workers can run
+    adaptive_max_new_tokens: Annotated[bool, flag("scale max_new_tokens down under load")] = True
     adaptive_floor: int = 32
-    warm_prefixes: list[str] = []
-    async_prefill_queue: bool = True
-    zmq_control: bool = True
-    zmq_control_endpoint: str = ""
+    warm_prefixes: Annotated[list[str], flag(
+        "prefixes prefilled into every worker before ready (JSON list or 'a||b')")] = []
+    async_prefill_queue: Annotated[bool, flag("run warm-ups at low priority while serving")] = True
+    zmq_control: Annotated[bool, flag("serve the ZMQ control channel")] = True
+    zmq_control_endpoint: Annotated[str, flag("control endpoint (default: ipc in the runtime dir)")] = ""
     # gateway
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: Annotated[str, flag("HTTP host")] = "127.0.0.1"
+    port: Annotated[int, flag("HTTP port")] = 8000
     max_new_tokens_limit: int = 4096  # absurd above this
     default_max_new_tokens: int = 128
-    max_body_bytes: int = 4 * 1024 * 1024  # HTTP bodies above this get a 413 before they are read whole
-    max_prompt_chars: int = 262_144  # prompt / messages / control prefixes: checked before tokenizing
-    api_key: str = ""  # when set, every route but /health and the page assets needs "Bearer <key>"
-    allowed_origins: list[str] = []  # browser Origins allowed besides the server's own ("*": any)
-    allowed_hosts: list[str] = []  # Host header values allowed besides the bound host ("*": any)
-    drain_grace_s: float = 10.0  # SIGTERM: in-flight streams get this long to finish, then an error event
+    max_body_bytes: Annotated[int, flag("largest HTTP request body; beyond it: HTTP 413")] = 4 * 1024 * 1024
+    max_prompt_chars: Annotated[int, flag(
+        "largest prompt (all message contents together) in characters, checked before tokenizing")] = 262_144
+    api_key: Annotated[str, flag(
+        "require 'Authorization: Bearer KEY' on every route but /health and the page assets")] = ""
+    allowed_origins: Annotated[list[str], flag(
+        "browser Origins allowed besides the server's own, comma-separated ('*': any)", sep=",")] = []
+    allowed_hosts: Annotated[list[str], flag(
+        "Host header values allowed besides the bound host, comma-separated ('*': any)", sep=",")] = []
+    drain_grace_s: Annotated[float, flag(
+        "on SIGTERM, seconds in-flight streams may take to finish before they end with an error event")] = 10.0
     # process tree
     runtime_dir: str = ""
-    narrate: bool = False
-    log_level: str = "INFO"
+    narrate: Annotated[bool, flag("log each prefill, decode step and streamed chunk in plain words")] = False
+    log_level: Annotated[str, flag("DEBUG | INFO | WARNING")] = "INFO"
     served_model_name: str = ""
     # fields the user set (flag or env var); device-sized defaults never override these
     explicit: list[str] = []
@@ -92,12 +117,29 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 def context_window(cfg: ServerConfig) -> int:
     """Prompt + completion tokens of one request at most: MAX_MODEL_LEN, else the model's own."""
-    if cfg.max_model_len > 0:
-        return cfg.max_model_len
-    import json
+    from minisgl.assets.checkpoint import context_length
 
-    model_cfg = json.loads((Path(cfg.model_path) / "config.json").read_text())
-    return int(model_cfg.get("max_position_embeddings", 4096))
+    return context_length(cfg.model_path, cfg.max_model_len)
+
+
+class BackendConfig(ServerConfig, frozen=True, kw_only=True):
+    """A worker's view: the server's settings plus what only a backend needs. `device` is the worker's
+    own device (cuda:1, ...), never auto: the worker picks it (auto in-process: cuda when torch sees one,
+    else cpu). The engine's config derives from this one (minisgl/engine/config.py)."""
+
+    kv_memory_fraction: float = 0.3  # of free device (or host) memory, when kv_cache_tokens is 0
+    seed: int = 0
+    extra: dict[str, str] = {}  # backend options by name (the sgl backend's A/B switches, cpu_isa, ...)
+
+    def __post_init__(self) -> None:
+        if self.device == "auto":
+            import torch
+
+            msgspec.structs.force_setattr(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
+
+    @classmethod
+    def for_worker(cls, cfg: ServerConfig, device: str) -> "BackendConfig":
+        return cls(**{**msgspec.structs.asdict(cfg), "device": device})
 
 
 def switched_off(value: str) -> bool:
@@ -126,65 +168,48 @@ def _split_prefixes(value: str, sep: str = "||") -> list[str]:
 class _Flag:
     env: str
     field: str
-    kind: type
+    kind: type  # str, int, float, bool or list
     help: str
     sep: str = "||"  # list flags: separator when the value is not a JSON list
 
 
-# flag name -> (env var, config field, type, help). The env var gives the default; the flag wins.
-FLAGS: dict[str, _Flag] = {
-    "--model-name": _Flag("MODEL_NAME", "model_name", str, "model to serve (default: embedded SmolLM2-135M-Instruct)"),
-    "--model-local-dir": _Flag("MODEL_LOCAL_DIR", "model_local_dir", str, "local Hugging Face checkpoint directory (wins over --model-name)"),
-    "--revision": _Flag("MODEL_REVISION", "revision", str, "Hub revision of MODEL_NAME: branch, tag or commit (default main)"),
-    "--load-format": _Flag("LOAD_FORMAT", "load_format", str, "auto | safetensors | gguf | dummy (random weights from config.json)"),
-    "--dtype": _Flag("DTYPE", "dtype", str, "auto | float32 | bfloat16 | float16"),
-    "--device": _Flag("DEVICE", "device", str, "auto | cpu | cuda | mps"),
-    "--backend": _Flag("BACKEND_IMPL", "backend", str, "auto | torch | sgl | mlx | hf (auto: sgl on CUDA, mlx on MPS with MLX, else torch)"),
-    "--workers": _Flag("WORKERS", "workers", int, "number of worker processes (one per device on GPUs)"),
-    "--enable-multi-device": _Flag("ENABLE_MULTI_DEVICE", "enable_multi_device", bool, "one worker per visible CUDA device"),
-    "--tp": _Flag("TP_SIZE", "tp", int, "tensor parallelism: split each worker's model over this many devices "
-                  "(ranks); --workers groups of --tp devices"),
-    "--max-running": _Flag("MAX_RUNNING", "max_running", int, "requests decoded together per worker"),
-    "--kv-cache-tokens": _Flag("KV_CACHE_TOKENS", "kv_cache_tokens", int, "KV pool size in tokens per worker (0: from memory)"),
-    "--chunk-size": _Flag("CHUNK_SIZE", "chunk_size", int, "prefill tokens per engine step (chunked prefill)"),
-    "--max-model-len": _Flag("MAX_MODEL_LEN", "max_model_len", int, "context window (0: the model's)"),
-    "--hf-concurrency": _Flag("HF_CONCURRENCY", "hf_concurrency", int, "hf backend: generate() calls at once"),
-    "--scheduler-mode": _Flag("SCHEDULER_MODE", "scheduler_mode", str, "round_robin | fcfs | random | cache_aware"),
-    "--max-inflight-total": _Flag("MAX_INFLIGHT_TOTAL", "max_inflight_total", int, "requests dispatched to all workers at most"),
-    "--max-inflight-per-engine": _Flag("MAX_INFLIGHT_PER_ENGINE", "max_inflight_per_engine", int, "requests dispatched to one worker at most"),
-    "--max-queue": _Flag("MAX_QUEUE", "max_queue", int, "requests waiting in the scheduler at most; beyond it: HTTP 429"),
-    "--queue-timeout-s": _Flag("QUEUE_TIMEOUT_S", "queue_timeout_s", float, "seconds a request may wait in the queue before a 503"),
-    "--adaptive-max-new-tokens": _Flag("ADAPTIVE_MAX_NEW_TOKENS", "adaptive_max_new_tokens", bool, "scale max_new_tokens down under load"),
-    "--warm-prefixes": _Flag("WARM_PREFIXES", "warm_prefixes", list, "prefixes prefilled into every worker before ready (JSON list or 'a||b')"),
-    "--async-prefill-queue": _Flag("ASYNC_PREFILL_QUEUE", "async_prefill_queue", bool, "run warm-ups at low priority while serving"),
-    "--zmq-control": _Flag("ZMQ_CONTROL", "zmq_control", bool, "serve the ZMQ control channel"),
-    "--zmq-control-endpoint": _Flag("ZMQ_CONTROL_ENDPOINT", "zmq_control_endpoint", str, "control endpoint (default: ipc in the runtime dir)"),
-    "--host": _Flag("HOST", "host", str, "HTTP host"),
-    "--port": _Flag("PORT", "port", int, "HTTP port"),
-    "--max-body-bytes": _Flag("MAX_BODY_BYTES", "max_body_bytes", int, "largest HTTP request body; beyond it: HTTP 413"),
-    "--max-prompt-chars": _Flag("MAX_PROMPT_CHARS", "max_prompt_chars", int, "largest prompt (all message contents together) in characters, checked before tokenizing"),
-    "--api-key": _Flag("API_KEY", "api_key", str, "require 'Authorization: Bearer KEY' on every route but /health and the page assets"),
-    "--allowed-origins": _Flag("ALLOWED_ORIGINS", "allowed_origins", list, "browser Origins allowed besides the server's own, comma-separated ('*': any)", ","),
-    "--allowed-hosts": _Flag("ALLOWED_HOSTS", "allowed_hosts", list, "Host header values allowed besides the bound host, comma-separated ('*': any)", ","),
-    "--drain-grace-s": _Flag("DRAIN_GRACE_S", "drain_grace_s", float, "on SIGTERM, seconds in-flight streams may take to finish before they end with an error event"),
-    "--narrate": _Flag("NARRATE", "narrate", bool, "log each prefill, decode step and streamed chunk in plain words"),
-    "--log-level": _Flag("LOG_LEVEL", "log_level", str, "DEBUG | INFO | WARNING"),
-}
+def _flags() -> dict[str, _Flag]:
+    """flag name -> _Flag, read off ServerConfig's annotated fields (the flag is the field's name with
+    dashes, the env var its name in capitals unless the field says otherwise)."""
+    out: dict[str, _Flag] = {}
+    for name, hint in typing.get_type_hints(ServerConfig, include_extras=True).items():
+        if typing.get_origin(hint) is not Annotated:
+            continue
+        base, meta = typing.get_args(hint)[:2]
+        spec = meta.extra
+        if typing.get_origin(base) in (typing.Union, types.UnionType):  # str | None: a str flag
+            base = next(k for k in typing.get_args(base) if k is not type(None))
+        kind = typing.get_origin(base) or base  # list[str]: a list flag
+        out["--" + name.replace("_", "-")] = _Flag(spec.get("env") or name.upper(), name, kind, meta.description,
+                                                   spec.get("sep", "||"))
+    return out
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+FLAGS: dict[str, _Flag] = _flags()
+
+
+def add_config_flags(parser: argparse.ArgumentParser, help_extra: dict[str, str] | None = None) -> None:
+    """One flag per annotated ServerConfig field; help_extra adds to a field's help (the launcher names
+    the backends from their registry, which this module must not import)."""
     defaults = ServerConfig()
-    for flag, spec in FLAGS.items():
+    for flag_name, spec in FLAGS.items():
         default = getattr(defaults, spec.field)
         shown = default if default not in (None, "", []) else "-"
-        help_text = f"{spec.help} [env {spec.env}, default {shown}]"
+        extra = (help_extra or {}).get(spec.field)
+        help_text = f"{spec.help}{'; ' + extra if extra else ''} [env {spec.env}, default {shown}]"
         if spec.kind is bool:
-            parser.add_argument(flag, dest=spec.field, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(flag_name, dest=spec.field, default=None, action=argparse.BooleanOptionalAction,
+                                help=help_text)
         elif spec.kind is list:
-            parser.add_argument(flag, dest=spec.field, default=None, help=help_text,
+            parser.add_argument(flag_name, dest=spec.field, default=None, help=help_text,
                                 type=lambda v, sep=spec.sep: _split_prefixes(v, sep))
         else:
-            parser.add_argument(flag, dest=spec.field, default=None, type=spec.kind, help=help_text)
+            parser.add_argument(flag_name, dest=spec.field, default=None, type=spec.kind, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -217,7 +242,7 @@ GPU_CHUNK_SIZE = 8192  # prefill tokens per step: the paged extend kernel takes 
 def device_sized(cfg: ServerConfig) -> tuple[ServerConfig, dict[str, int]]:
     """The config with the sgl backend's device-sized defaults filled in wherever the user set nothing
     (env vars and flags still win), and what was chosen, for the start-up log. The KV pool is sized by
-    the worker itself, from its device's free memory after the weights (backends/sgl.py)."""
+    the worker itself, from its device's free memory after the weights (backends/sgl_backend.py)."""
     if cfg.backend != "sgl":
         return cfg, {}
     chosen: dict[str, int] = {}

@@ -1,10 +1,21 @@
 """Client side of the scheduler's ZMQ control channel (commands: metrics, warm, insert_prefix,
-flush_cache, health). Requests and replies are msgspec Structs encoded as JSON."""
+flush_cache, health). Requests and replies are msgspec Structs encoded as JSON. `main` is the command
+line (`mini-sglang ctl`, `python -m tools.ctl`):
+
+    mini-sglang ctl metrics                       # server on port 8000
+    mini-sglang ctl --port 8123 health
+    mini-sglang ctl warm "You are a helpful assistant."
+    mini-sglang ctl insert_prefix "System prompt shared by many requests"
+    mini-sglang ctl flush_cache
+    mini-sglang ctl --endpoint ipc:///tmp/minisgl-x/control.sock metrics
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import msgspec
@@ -14,7 +25,7 @@ from minisgl.messages import ControlReply, ControlReq
 
 
 def run_info_path(port: int) -> Path:
-    """Where a running server on `port` records its endpoints (written by launch.py)."""
+    """Where a running server on `port` records its endpoints (written by the launcher)."""
     root = Path(os.environ.get("MINISGL_CACHE_DIR", Path.home() / ".cache" / "mini-sglang"))
     return root / "run" / f"port-{port}.json"
 
@@ -33,7 +44,8 @@ def launcher_alive(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # no /proc (macOS): the pid exists, trust it
-    return b"launch.py" in cmdline
+    # launch.py, `mini-sglang serve`, `python -m minisgl serve`
+    return any(mark in cmdline for mark in (b"launch.py", b"mini-sglang", b"minisgl"))
 
 
 def find_control_endpoint(port: int) -> str:
@@ -75,3 +87,25 @@ class ControlClient:
             return msgspec.json.decode(sock.recv(), type=ControlReply)
         finally:
             sock.close()
+
+
+COMMANDS = ["metrics", "health", "warm", "insert_prefix", "flush_cache"]
+
+
+def main(argv: list[str] | None = None, prog: str = "mini-sglang ctl") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Send a control command to a running server's scheduler.")
+    parser.add_argument("command", help=" | ".join(COMMANDS))
+    parser.add_argument("prefixes", nargs="*", help="text prefixes for warm / insert_prefix")
+    parser.add_argument("--endpoint", default=os.environ.get("ZMQ_CONTROL_ENDPOINT") or None,
+                        help="control endpoint [env ZMQ_CONTROL_ENDPOINT]; default: look up the server on --port")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--timeout", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    try:
+        endpoint = args.endpoint or find_control_endpoint(args.port)
+        reply = ControlClient(endpoint, args.timeout).call(args.command, prefixes=args.prefixes)
+    except (FileNotFoundError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"ok": reply.ok, "error": reply.error, "data": reply.data}, indent=2))
+    return 0 if reply.ok else 1

@@ -1,9 +1,10 @@
-#!/usr/bin/env python3
 """Start, supervise and stop the whole mini-sglang process tree.
 
-    python launch.py                       # embedded SmolLM2-135M-Instruct on 127.0.0.1:8000
-    python launch.py --backend hf          # the plain Hugging Face baseline, same gateway
-    python launch.py --workers 2 --scheduler-mode cache_aware
+    mini-sglang serve                      # embedded SmolLM2-135M-Instruct on 127.0.0.1:8000
+    mini-sglang serve --backend hf         # the plain Hugging Face baseline, same gateway
+    mini-sglang serve --workers 2 --scheduler-mode cache_aware
+
+(`python -m minisgl serve` and, in a checkout, `python launch.py` are the same.)
 
 Every flag's default comes from the environment variable named in --help. The launcher starts the
 scheduler, tokenizer and workers, waits until each reports ready, then starts the gateway (so /health
@@ -36,13 +37,15 @@ from pathlib import Path
 import msgspec
 import zmq
 
-REPO_ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(REPO_ROOT))
+from minisgl import ipc
+from minisgl.backends.registry import BACKENDS, backend_help, check_backend_name, default_backend_name
+from minisgl.config import ServerConfig, add_config_flags, config_from_args, device_sized
+from minisgl.control import launcher_alive, run_info_path
+from minisgl.messages import LauncherInMsg, ProcReady, WorkerDied
 
-from minisgl import ipc  # noqa: E402
-from minisgl.control import launcher_alive, run_info_path  # noqa: E402
-from minisgl.config import ServerConfig, add_config_flags, config_from_args, device_sized  # noqa: E402
-from minisgl.messages import LauncherInMsg, ProcReady, WorkerDied  # noqa: E402
+# The folder holding the minisgl and procs packages: a checkout, or site-packages once installed. Children
+# run `python -m procs.<name>`; a checkout that is not installed needs this folder on their path.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger("minisgl.launch")
 
@@ -104,11 +107,11 @@ class Supervisor:
 
     def spawn(self, child: Child, restart: bool = False) -> None:
         env = {**os.environ, "MINISGL_CONFIG": self.cfg.to_json(), "MINISGL_PARENT_PID": str(os.getpid()),
-               "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                ipc.RESTARTED_ENV: "1" if restart else "0"}
+        if PACKAGE_ROOT.name != "site-packages":
+            env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         # Own process group: Ctrl-C in the terminal reaches only the launcher, which stops children in order.
-        child.proc = subprocess.Popen([sys.executable, "-m", child.module, *child.args], cwd=REPO_ROOT, env=env,
-                                      process_group=0)
+        child.proc = subprocess.Popen([sys.executable, "-m", child.module, *child.args], env=env, process_group=0)
         child.last_pid = child.proc.pid
         log.info("%s %s (pid %d)", "restarted" if restart else "started", child.name, child.proc.pid)
 
@@ -263,17 +266,14 @@ def tp_group_for_restart(children: list[Child], dead: Child) -> list[Child]:
 
 def resolve_config(cfg: ServerConfig) -> ServerConfig:
     """Fill in what depends on this machine: model directory, backend, worker count, runtime dir."""
-    from minisgl.backends.base import default_backend_name
-    from minisgl.models.fetch import resolve_model_dir
+    from minisgl.assets.embedded import resolve_model_dir
     from minisgl.models.registry import supported_architectures
     from minisgl.scheduler.policy import make_policy
 
     make_policy(cfg.scheduler_mode)  # fail fast on a bad mode
-    backend = default_backend_name() if cfg.backend in ("", "auto") else cfg.backend
-    if backend not in ("torch", "sgl", "mlx", "hf"):
-        raise ValueError(f"unknown BACKEND_IMPL {backend!r}; choose auto, torch, sgl, mlx or hf")
+    backend = default_backend_name() if cfg.backend in ("", "auto") else check_backend_name(cfg.backend)
     # our engine's architectures; hf and mlx run whatever transformers / mlx-lm can
-    supported = None if backend in ("hf", "mlx") else supported_architectures()
+    supported = supported_architectures() if BACKENDS[backend].engine else None
     model_dir = resolve_model_dir(cfg.model_name, cfg.model_local_dir, cfg.revision, supported)
     workers = cfg.workers
     if cfg.enable_multi_device:
@@ -344,21 +344,21 @@ def check_port_free(host: str, port: int) -> None:
             raise RuntimeError(f"cannot listen on {host}:{port}: {e.strerror}; is another server running there?") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "mini-sglang serve") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="launch.py", description=__doc__.split("\n\n")[0],
+        prog=prog, description=__doc__.split("\n\n")[0],
         epilog="Each flag's default comes from the environment variable shown; the flag wins over the variable.",
     )
-    add_config_flags(parser)
+    add_config_flags(parser, {"backend": backend_help()})
     parser.add_argument("--exit-with-parent", action="store_true",
                         help="stop the server when the process that started it exits (tests, the CLI demo and "
                              "the bench start servers this way, so a killed caller leaves nothing behind)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "mini-sglang serve") -> int:
     parent_pid = os.getppid()  # before anything slow: if the caller dies meanwhile, we still notice
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     cfg = config_from_args(args)
     ipc.setup_logging(cfg.log_level, "launch")
     try:
@@ -390,6 +390,3 @@ def main(argv: list[str] | None = None) -> int:
         sup.shutdown()
     return 0 if sup.stopping else code  # a requested stop is a clean exit
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,7 @@
 Each socket carries one tagged union (see the `*Msg` aliases at the bottom), so a receiver decodes
 straight into the right class with `msgspec.msgpack.Decoder(Union)`. Nothing here is ever pickled.
 
-Flow (see DESIGN.md):
+Flow (the README's process table has the whole picture):
   gateway --GenerateReq--> tokenizer --TokenizedReq--> scheduler --Dispatch--> worker
   worker --TokenBatch--> tokenizer --TextBatch--> gateway
   worker --WorkerStatus--> scheduler;   every process --ProcReady--> launcher
@@ -11,7 +11,7 @@ Flow (see DESIGN.md):
 
 from __future__ import annotations
 
-from msgspec import Struct
+from msgspec import Struct, field
 
 # Finish reasons, as OpenAI spells them, plus "abort" (client went away / stop string) and "error".
 FINISH_STOP = "stop"
@@ -177,17 +177,24 @@ class TextBatch(Struct, tag="text"):
 # ---------------------------------------------------------------- worker -> scheduler
 
 
+class LoadStats(Struct, kw_only=True):
+    """A worker's load and prefix-cache counters: what a backend reports (Backend.stats), what a
+    WorkerStatus carries and what the scheduler keeps per worker."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_used_tokens: int = 0
+    kv_total_tokens: int = 0
+    cached_tokens_total: int = 0  # prompt tokens served from the prefix cache since start
+    prompt_tokens_total: int = 0
+
+
 class WorkerStatus(Struct, tag="worker_status", kw_only=True, omit_defaults=True):
     """Sent after every engine step in which something the scheduler cares about changed."""
 
     worker_id: int
     finished: list[str] = []  # rids that left the worker (done, aborted, failed)
-    running: int = 0
-    waiting: int = 0
-    kv_used_tokens: int = 0
-    kv_total_tokens: int = 0
-    cached_tokens_total: int = 0  # tokens served from the prefix cache since start
-    prompt_tokens_total: int = 0
+    load: LoadStats = field(default_factory=LoadStats)
     cache_inserted: list[list[int]] = []  # token sequences now cached (full prefixes from the root)
     cache_evicted: list[list[int]] = []  # token sequences evicted (full prefixes from the root)
     cache_flushed: bool = False

@@ -17,7 +17,8 @@ import zmq
 
 from minisgl import ipc
 from minisgl.narration import relay_to_gateway
-from minisgl.backends.base import Backend, BackendConfig, StepOutput, create_backend
+from minisgl.backends.base import Backend, BackendConfig, StepOutput
+from minisgl.backends.registry import create_backend
 from minisgl.config import ServerConfig
 from minisgl.distributed.checks import rank_device
 from minisgl.distributed.group import TPGroup, destroy_tp, exit_rank
@@ -108,11 +109,8 @@ class WorkerLoop:
         return running
 
     def send_status(self, out: StepOutput, flushed: bool = False, accepted: list[str] | None = None) -> None:
-        s = self.backend.stats()
         ipc.send(self.to_scheduler, WorkerStatus(
-            worker_id=self.worker_id, finished=out.finished, running=s.running, waiting=s.waiting,
-            kv_used_tokens=s.kv_used_tokens, kv_total_tokens=s.kv_total_tokens,
-            cached_tokens_total=s.cached_tokens_total, prompt_tokens_total=s.prompt_tokens_total,
+            worker_id=self.worker_id, finished=out.finished, load=self.backend.stats(),
             cache_inserted=out.cache_inserted, cache_evicted=out.cache_evicted, cache_flushed=flushed,
             accepted=accepted or [],
         ))

@@ -16,7 +16,7 @@ from minisgl.server_handle import ServerHandle
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    from minisgl.models.fetch import ensure_default_model
+    from minisgl.assets.embedded import ensure_default_model
 
     return ensure_default_model(quiet=True)
 

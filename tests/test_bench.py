@@ -293,7 +293,7 @@ def test_bench_suite_real_servers(tmp_path: Path) -> None:
 
 
 def test_roofline_math() -> None:
-    from minisgl.models.loader import load_config
+    from minisgl.models.config import load_config
 
     cfg = load_config(REPO / "bench" / "configs" / "qwen3-0.6b")
     params = offline.decode_weight_params(cfg)
@@ -371,7 +371,7 @@ def test_offline_hf_baseline_same_loop(tmp_path: Path) -> None:
 
 
 def test_cpu_engine_bench_runs_and_saves(default_model_dir, tmp_path) -> None:
-    from minisgl.engine import cpu_isa
+    from minisgl.engine.cpu import isa as cpu_isa
 
     paths = [p for p in cpu_isa.supported() if p != "amx"][:1] + ["torch"]  # the best vector path, if any
     paths = list(dict.fromkeys(paths))

@@ -1,4 +1,4 @@
-"""The fused CPU kernels (minisgl/engine/cpu_kernels.c) against torch references, and the fused forward
+"""The fused CPU kernels (minisgl/engine/cpu/kernels.c) against torch references, and the fused forward
 (FusedCpuForward: decode, prefill and mixed steps) against the model's own forward and float32, for
 every family and the real model."""
 
@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from minisgl.assets.checkpoint import eos_token_ids
 from minisgl.engine.attention import PagedAttention
-from minisgl.engine.cpu_forward import FusedCpuForward
-from minisgl.engine.cpu_kernels import CpuKernels, attention_scratch_size, load_cpu_kernels
-from minisgl.engine.cpu_linear import can_pack, pack_linears
+from minisgl.engine.cpu.forward import FusedCpuForward
+from minisgl.engine.cpu.kernels import CpuKernels, attention_scratch_size, load_cpu_kernels
+from minisgl.engine.cpu.linear import can_pack, pack_linears
 from minisgl.models import load_model
 from minisgl.models.layers import RotaryEmbedding, apply_rope
 from tests.test_engine import Collector, make_engine, request, run_all
@@ -224,7 +225,7 @@ def test_fused_decode_matches_the_model(kernels: CpuKernels, tmp_path: Path, nam
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 17, 30)]
     # small chunks and staggered arrivals: prompt chunks share steps with decode rows, some with a
     # cached prefix
-    engine = make_engine(compare, kv_tokens=512, max_context_len=128, chunk_size=8)
+    engine = make_engine(compare, kv_tokens=512, max_model_len=128, chunk_size=8)
     reqs = [request(str(i), p, [], max_new_tokens=12, ignore_eos=True) for i, p in enumerate(prompts)]
     reqs.append(request("again", prompts[2] + prompts[0], [], max_new_tokens=4, ignore_eos=True))
     engine.add_request(reqs[0])
@@ -254,15 +255,16 @@ def test_fused_forward_on_the_default_model(kernels: CpuKernels, default_model_d
                                    for i, p in enumerate(prompts)])
     compare.assert_fused_as_accurate(steps=24)
     fused = FusedCpuForward(packed, kernels)
-    eos = list(packed.config.eos_token_ids)
+    eos = eos_token_ids(default_model_dir)
     answer = run_all(make_engine(fused), [request("q", prompts[0], eos, max_new_tokens=12)]).tokens["q"]
     assert "Paris" in tok.decode(answer) and fused.steps >= 2
 
 
 def test_torch_backend_uses_the_kernels(kernels: CpuKernels, default_model_dir: Path) -> None:
-    """By default on any x86 CPU with AVX2 (engine/cpu_isa.py); tests/test_cpu_paths.py forces each path."""
-    from minisgl.backends.base import BackendConfig, create_backend
-    from minisgl.engine import cpu_isa
+    """By default on any x86 CPU with AVX2 (engine/cpu/isa.py); tests/test_cpu_paths.py forces each path."""
+    from minisgl.backends.base import BackendConfig
+    from minisgl.backends.registry import create_backend
+    from minisgl.engine.cpu import isa as cpu_isa
 
     if cpu_isa.choose() == "torch":
         pytest.skip("neither AVX2 nor AVX-512 nor AMX here (or MINISGL_CPU_ISA=torch): the model's own ops")

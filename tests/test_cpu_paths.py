@@ -1,4 +1,4 @@
-"""Every CPU path of engine/cpu_isa.py on whatever CPU runs the tests: the weight-streaming kernels and the
+"""Every CPU path of engine/cpu/isa.py on whatever CPU runs the tests: the weight-streaming kernels and the
 float32 fused kernels of each ISA build this CPU supports (avx512, avx2) against torch references, the
 GGUF block matching, the dispatch, and engine-level greedy answers of each path (avx512, avx2 and the
 bfloat16 oneDNN `amx` path, which oneDNN runs without AMX too) against float32 transformers."""
@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from minisgl.engine import cpu_isa
-from minisgl.engine.cpu_forward import FusedCpuForward
-from minisgl.engine.cpu_kernels import CpuKernels, load_cpu_kernels, weight_row_bytes
-from minisgl.engine.cpu_linear import can_pack, pack_linears
-from minisgl.engine.cpu_weights import (MAX_KERNEL_ROWS, GgufBlocks, find_gguf, make_weight, read_gguf_tensors,
+from minisgl.engine.cpu import isa as cpu_isa
+from minisgl.engine.cpu.forward import FusedCpuForward
+from minisgl.engine.cpu.kernels import CpuKernels, load_cpu_kernels, weight_row_bytes
+from minisgl.engine.cpu.linear import can_pack, pack_linears
+from minisgl.engine.cpu.weights import (MAX_KERNEL_ROWS, GgufBlocks, find_gguf, make_weight, read_gguf_tensors,
                                         weights_for)
 from minisgl.models import load_model
 from tests.test_cpu_kernels import _reference_attention
@@ -235,7 +235,7 @@ def test_gguf_key_collisions_never_give_wrong_blocks(model, gguf_blocks: GgufBlo
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Row keys only propose a match; the exact comparison decides. With every key colliding each
     lookup proposes the wrong rows, and find must then say no rather than return them."""
-    import minisgl.engine.cpu_weights as cw
+    import minisgl.engine.cpu.weights as cw
 
     w = model.model.layers[2].mlp.down_proj.weight.detach()
     assert gguf_blocks.find(w) is not None
@@ -282,7 +282,8 @@ def test_dispatch_follows_the_cpu(monkeypatch: pytest.MonkeyPatch, caplog: pytes
 
 
 def test_backend_runs_the_path_it_is_given(model_dir: Path) -> None:
-    from minisgl.backends.base import BackendConfig, create_backend
+    from minisgl.backends.base import BackendConfig
+    from minisgl.backends.registry import create_backend
 
     for isa in [*cpu_isa.supported(), "amx"]:
         cpu_isa.choose.cache_clear()

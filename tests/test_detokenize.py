@@ -7,7 +7,7 @@ import random
 import pytest
 from tokenizers import Tokenizer
 
-from minisgl.detokenize import RequestDetokenizer
+from minisgl.tokenizer.detokenize import RequestDetokenizer
 
 
 @pytest.fixture(scope="module")

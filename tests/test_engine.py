@@ -5,14 +5,15 @@ sampling, stop conditions."""
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from msgspec.structs import replace
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-from minisgl.engine.engine import Engine, EngineConfig
+from minisgl.assets.checkpoint import eos_token_ids
+from minisgl.engine import Engine, EngineConfig
 from minisgl.messages import SamplingParams, TokenizedReq, TokenOut
 from minisgl.models import load_model
 from minisgl.models.decoder import CausalLM
@@ -26,7 +27,7 @@ MAX_NEW = 16
 def make_engine(model: CausalLM, **overrides: int) -> Engine:
     mc = model.config
     cfg = EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-                       kv_tokens=8192, max_context_len=2048, max_running=16, chunk_size=512)
+                       kv_tokens=8192, max_model_len=2048, max_running=16, chunk_size=512)
     param = next(model.parameters())
     return Engine(model, replace(cfg, **overrides), param.device, param.dtype)
 
@@ -117,8 +118,8 @@ def tok(model_dir: Path) -> transformers.PreTrainedTokenizerBase:
 
 
 @pytest.fixture(scope="module")
-def eos(model: CausalLM) -> list[int]:
-    return list(model.config.eos_token_ids)
+def eos(model_dir: Path) -> list[int]:
+    return eos_token_ids(model_dir)
 
 
 PROMPTS = [
@@ -230,7 +231,7 @@ def test_insert_prefix_warms_the_cache_silently(model, eos, long_ids, tok) -> No
 
 def test_preemption_under_a_tiny_pool(model, eos, prompts, expected, caplog) -> None:
     # 6 requests of ~10-40 + 20 tokens on 100 slots: they cannot all run at once
-    engine = make_engine(model, kv_tokens=100, max_context_len=100, chunk_size=16)
+    engine = make_engine(model, kv_tokens=100, max_model_len=100, chunk_size=16)
     with caplog.at_level(logging.INFO, logger="minisgl.engine"):
         col = run_all(engine, [request(str(i), p, eos) for i, p in enumerate(prompts)]
                       + [request("dup", prompts[0], eos)])
@@ -329,7 +330,7 @@ def test_top_k_top_p_filter() -> None:
 
 
 def test_requests_too_long_or_empty_fail_with_400(model, eos, prompts) -> None:
-    engine = make_engine(model, max_context_len=64)
+    engine = make_engine(model, max_model_len=64)
     col = run_all(engine, [request("long", list(range(50)), eos, max_new_tokens=20),
                            request("empty", [], eos),
                            request("ok", prompts[0], eos, max_new_tokens=2)])
@@ -378,7 +379,7 @@ def test_tiny_families_match_transformers(tmp_path: Path, family: str, device: s
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (3, 17, 40, 9)]
     # chunks of 16 and a pool too small for all four at once: chunking, prefix reuse and preemption
-    engine = make_engine(model, chunk_size=16, max_context_len=64, kv_tokens=90)
+    engine = make_engine(model, chunk_size=16, max_model_len=64, kv_tokens=90)
     reqs = [request(str(i), p, [], max_new_tokens=12) for i, p in enumerate(prompts)]
     reqs.append(request("again", prompts[2], [], max_new_tokens=12))
     col = run_all(engine, reqs)
@@ -396,7 +397,8 @@ def test_tiny_families_match_transformers(tmp_path: Path, family: str, device: s
 
 
 def test_torch_backend_end_to_end(model_dir, eos, prompts, expected, long_ids) -> None:
-    from minisgl.backends.base import BackendConfig, create_backend
+    from minisgl.backends.base import BackendConfig
+    from minisgl.backends.registry import create_backend
 
     backend = create_backend("torch", BackendConfig(model_path=str(model_dir), dtype="float32",
                                                     kv_cache_tokens=2048, max_model_len=1024))
@@ -422,7 +424,7 @@ def test_torch_backend_end_to_end(model_dir, eos, prompts, expected, long_ids) -
 
 
 def test_packed_bfloat16_linears_change_nothing(model_dir, eos, prompts) -> None:
-    from minisgl.engine.cpu_linear import can_pack, pack_linears
+    from minisgl.engine.cpu.linear import can_pack, pack_linears
 
     plain = load_model(model_dir, dtype=torch.bfloat16)
     if not can_pack(plain):
@@ -436,7 +438,7 @@ def test_packed_bfloat16_linears_change_nothing(model_dir, eos, prompts) -> None
 
 def test_mixed_amx_linears_keep_float32_quality(model, model_dir, eos, tok) -> None:
     """The torch backend's CPU default: a float32 model whose linears run as bfloat16 matmuls."""
-    from minisgl.engine.cpu_linear import can_pack, pack_linears
+    from minisgl.engine.cpu.linear import can_pack, pack_linears
     from minisgl.models.context import DenseContext
 
     mixed = load_model(model_dir)

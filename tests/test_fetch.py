@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from minisgl.models import fetch
-from minisgl.models.fetch import (
+from minisgl.assets import embedded as fetch
+from minisgl.assets.embedded import (
     DEFAULT_MODEL_NAME,
     ModelFetchError,
     cache_root,

@@ -19,7 +19,7 @@ from minisgl.gateway.security import guard_middleware
 from minisgl.server_handle import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))
-import launch  # noqa: E402
+from minisgl import launcher as launch  # noqa: E402
 
 
 def test_seed_mixing_uses_all_64_bits() -> None:

@@ -126,7 +126,7 @@ def test_pool_returns_to_start_after_mixed_workload_with_aborts(model: CausalLM)
     """Random arrivals, lengths, shared prefixes, aborts at every stage, a small pool (so evictions and
     preemptions happen): afterwards every slot is free or cached, and a flush frees all of them."""
     rng = random.Random(0)
-    engine = make_engine(model, kv_tokens=160, max_context_len=120, chunk_size=24, max_running=6)
+    engine = make_engine(model, kv_tokens=160, max_model_len=120, chunk_size=24, max_running=6)
     start = engine.pool.free_count
     stem = [rng.randrange(100, 30000) for _ in range(40)]
     col = Collector(engine)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from minisgl.assets.checkpoint import eos_token_ids
 from minisgl.models import DenseContext, get_model_class, load_config, load_model
 from minisgl.models.decoder import CausalLM
 
@@ -189,7 +190,7 @@ def test_qwen3_0_6b_config() -> None:
     assert (cfg.intermediate_size, cfg.vocab_size, cfg.max_position_embeddings) == (3072, 151936, 40960)
     assert cfg.rope_theta == 1e6 and cfg.rms_norm_eps == 1e-6 and cfg.tie_word_embeddings
     assert cfg.torch_dtype == torch.bfloat16 and not cfg.attention_bias
-    assert 151645 in cfg.eos_token_ids
+    assert 151645 in eos_token_ids(QWEN3_0_6B)
 
 
 def test_rope_parameters_as_transformers5_writes_them(tmp_path: Path) -> None:
@@ -215,12 +216,12 @@ def test_unknown_architecture_in_config(tmp_path: Path) -> None:
         load_model(tmp_path, load_format="dummy")
 
 
-# --- the real default model (SmolLM2-135M-Instruct), fetched by minisgl.models.fetch ---
+# --- the real default model (SmolLM2-135M-Instruct), fetched by minisgl.assets.embedded ---
 
 
 @pytest.fixture(scope="module")
 def default_model_dir() -> Path:
-    fetch = pytest.importorskip("minisgl.models.fetch")
+    fetch = pytest.importorskip("minisgl.assets.embedded")
     try:
         return Path(fetch.ensure_default_model())
     except Exception as e:  # no network and no cache

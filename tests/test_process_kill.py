@@ -176,7 +176,7 @@ def test_sigkilled_launcher_leaves_nothing_that_hangs_the_next_one(default_model
     assert time.monotonic() - t0 < 8  # answered from the file, not after the 10 s call timeout
     assert not info_path.exists()
     sys.path.insert(0, str(REPO_ROOT))
-    import launch
+    from minisgl import launcher as launch
 
     launch.clean_stale()  # what every launcher does at start
     assert not runtime_dir.exists()

@@ -43,7 +43,7 @@ if HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
 
 
 def test_graph_batch_sizes_and_padding() -> None:
-    from minisgl.engine.cuda_graph import graph_batch_sizes, pad_decode_inputs, padded_batch_size
+    from minisgl.engine.cuda.graph import graph_batch_sizes, pad_decode_inputs, padded_batch_size
 
     assert graph_batch_sizes(1) == [1]
     assert graph_batch_sizes(10) == [1, 2, 4, 8, 10]
@@ -59,7 +59,8 @@ def test_graph_batch_sizes_and_padding() -> None:
 
 @pytest.mark.skipif(HAVE_CUDA, reason="this machine has CUDA")
 def test_sgl_backend_without_cuda_says_so(tmp_path) -> None:
-    from minisgl.backends.base import BackendConfig, create_backend
+    from minisgl.backends.base import BackendConfig
+    from minisgl.backends.registry import create_backend
 
     with pytest.raises(RuntimeError, match="CUDA"):
         create_backend("sgl", BackendConfig(model_path=str(tmp_path), device="cpu"))
@@ -74,7 +75,7 @@ def test_sgl_backend_without_cuda_says_so(tmp_path) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 32), (8, 8, 16), (6, 1, 24)])
 def test_decode_kernel_matches_reference(dtype, heads, kv_heads, head_dim) -> None:
-    from minisgl.engine.triton_attention import decode_attention, decode_attention_reference
+    from minisgl.engine.cuda.triton_attention import decode_attention, decode_attention_reference
 
     gen = torch.Generator().manual_seed(heads * 100 + head_dim)
     slots_total = 400
@@ -99,7 +100,7 @@ def test_decode_kernel_matches_torch_paged_attention() -> None:
     """Same numbers as the torch backend's PagedAttention on the same pool and table."""
     from minisgl.cache.kv_pool import KVPool
     from minisgl.engine.attention import PagedAttention
-    from minisgl.engine.triton_attention import decode_attention
+    from minisgl.engine.cuda.triton_attention import decode_attention
 
     torch.manual_seed(0)
     pool = KVPool(1, 2, 32, 500, torch.float32, DEVICE)
@@ -132,8 +133,8 @@ def test_sgl_engine_matches_torch_engine(tmp_path, fused) -> None:
     torch ops between the matmuls, its own batch layout) give the torch engine's greedy tokens through
     chunked prefill, mixed steps, prefix reuse and preemption."""
     transformers = pytest.importorskip("transformers")
-    from minisgl.backends.sgl import SGLEngine
-    from minisgl.engine.engine import Engine, EngineConfig
+    from minisgl.engine.cuda.engine import SGLEngine
+    from minisgl.engine import Engine, EngineConfig
     from minisgl.messages import SamplingParams, TokenizedReq
     from minisgl.models import load_model
 
@@ -144,7 +145,7 @@ def test_sgl_engine_matches_torch_engine(tmp_path, fused) -> None:
     model = load_model(tmp_path, device=DEVICE, dtype=torch.float32)
     mc = model.config
     ecfg = EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-                        kv_tokens=90, max_context_len=64, max_running=4, chunk_size=16)
+                        kv_tokens=90, max_model_len=64, max_running=4, chunk_size=16)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (3, 17, 40, 9)]
 
@@ -191,9 +192,9 @@ def test_graph_decode_path_matches_torch_engine(tmp_path) -> None:
     greedy tokens as the torch engine. Batches of 3 pad to 4; batches of 5 and 6 are larger than the
     largest 'graph' and run eagerly; chunks of 8 tokens make mixed steps."""
     transformers = pytest.importorskip("transformers")
-    from minisgl.backends.sgl import SGLEngine
-    from minisgl.engine.cuda_graph import DecodeGraphs
-    from minisgl.engine.engine import Engine, EngineConfig
+    from minisgl.engine.cuda.engine import SGLEngine
+    from minisgl.engine.cuda.graph import DecodeGraphs
+    from minisgl.engine import Engine, EngineConfig
     from minisgl.messages import SamplingParams, TokenizedReq
     from minisgl.models import load_model
 
@@ -215,7 +216,7 @@ def test_graph_decode_path_matches_torch_engine(tmp_path) -> None:
     model = load_model(tmp_path, device=DEVICE, dtype=torch.float32)
     mc = model.config
     ecfg = EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-                        kv_tokens=400, max_context_len=64, max_running=6, chunk_size=8)
+                        kv_tokens=400, max_model_len=64, max_running=6, chunk_size=8)
     gen = torch.Generator().manual_seed(2)
     lens = (3, 9, 20, 5, 12, 7)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in lens]
@@ -243,7 +244,7 @@ def test_graph_decode_path_matches_torch_engine(tmp_path) -> None:
     assert all(sgl.step_kinds.values()), sgl.step_kinds  # decode-only, mixed (split) and eager steps
 
 
-# ---------------------------------------------------------------- the fused kernels (engine/triton_fused.py)
+# ---------------------------------------------------------------- the fused kernels (engine/cuda/triton_fused.py)
 
 
 @needs_triton
@@ -251,7 +252,7 @@ def test_graph_decode_path_matches_torch_engine(tmp_path) -> None:
 def test_fused_norms_and_silu_match_torch(dtype) -> None:
     import torch.nn.functional as F
 
-    from minisgl.engine.triton_fused import add_rmsnorm, rmsnorm, silu_mul
+    from minisgl.engine.cuda.triton_fused import add_rmsnorm, rmsnorm, silu_mul
 
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(7, 48, generator=gen).to(DEVICE, dtype)
@@ -278,7 +279,7 @@ def test_qk_norm_rope_store_matches_torch(qk_norm) -> None:
     """q/k norms, RoPE and the KV write in one kernel == the model's project_heads + index_copy."""
     import torch.nn.functional as F
 
-    from minisgl.engine.triton_fused import qk_norm_rope_store
+    from minisgl.engine.cuda.triton_fused import qk_norm_rope_store
     from minisgl.models.layers import RotaryEmbedding, apply_rope
 
     gen = torch.Generator().manual_seed(6)
@@ -312,7 +313,7 @@ def test_qk_norm_rope_store_matches_torch(qk_norm) -> None:
 def test_extend_attention_matches_reference(dtype) -> None:
     """Every prompt chunk of a step in one launch, cached prefix read in place, causal with an offset;
     chunks longer than a query block, no prefix, a one-token chunk, GQA."""
-    from minisgl.engine.triton_fused import extend_attention, extend_attention_reference, extend_meta
+    from minisgl.engine.cuda.triton_fused import extend_attention, extend_attention_reference, extend_meta
 
     gen = torch.Generator().manual_seed(7)
     heads, kv_heads, d = 4, 2, 24
@@ -343,8 +344,8 @@ def test_overlap_scheduling_stops_aborts_and_preemption(tmp_path) -> None:
     KV (a later request reusing the prefix gets the torch engine's tokens); an abort with a token in
     flight reports only delivered tokens; a small pool forces preemption."""
     transformers = pytest.importorskip("transformers")
-    from minisgl.backends.sgl import SGLEngine
-    from minisgl.engine.engine import Engine, EngineConfig
+    from minisgl.engine.cuda.engine import SGLEngine
+    from minisgl.engine import Engine, EngineConfig
     from minisgl.messages import SamplingParams, TokenizedReq
     from minisgl.models import load_model
 
@@ -355,7 +356,7 @@ def test_overlap_scheduling_stops_aborts_and_preemption(tmp_path) -> None:
     model = load_model(tmp_path, device=DEVICE, dtype=torch.float32)
     mc = model.config
     ecfg = EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-                        kv_tokens=48, max_context_len=40, max_running=4, chunk_size=16)
+                        kv_tokens=48, max_model_len=40, max_running=4, chunk_size=16)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (4, 13, 22, 7)]
 
@@ -407,8 +408,8 @@ def test_sgl_engine_logprobs_echo_and_penalties_match_torch_engine(tmp_path) -> 
     """The sgl step lays out its own batch: echo rows, sampled-token logprobs, penalties and logit_bias
     come out as in the torch engine, through chunked prompts and preemption (a tiny pool)."""
     transformers = pytest.importorskip("transformers")
-    from minisgl.backends.sgl import SGLEngine
-    from minisgl.engine.engine import Engine, EngineConfig
+    from minisgl.engine.cuda.engine import SGLEngine
+    from minisgl.engine import Engine, EngineConfig
     from minisgl.messages import SamplingParams, TokenizedReq
     from minisgl.models import load_model
 
@@ -419,7 +420,7 @@ def test_sgl_engine_logprobs_echo_and_penalties_match_torch_engine(tmp_path) -> 
     model = load_model(tmp_path, device=DEVICE, dtype=torch.float32)
     mc = model.config
     ecfg = EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-                        kv_tokens=90, max_context_len=64, max_running=4, chunk_size=16)
+                        kv_tokens=90, max_model_len=64, max_running=4, chunk_size=16)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (3, 17, 40, 9)]
     params = [SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=2),

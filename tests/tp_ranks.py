@@ -19,7 +19,8 @@ import msgspec
 import torch
 import torch.distributed as dist
 
-from minisgl.backends.base import BackendConfig, EngineBackend, create_backend
+from minisgl.backends.base import BackendConfig, EngineBackend
+from minisgl.backends.registry import create_backend
 from minisgl.distributed.group import destroy_tp, exit_rank, get_tp, init_tp
 from minisgl.distributed.step_sync import FollowerLoop, StepSync, agree_on_kv_pool, apply
 from minisgl.messages import Dispatch, SamplingParams, Shutdown, TokenizedReq
@@ -49,8 +50,8 @@ class SGLEngineOnCPU(EngineBackend):
     name = "sgl-cpu"
 
     def __init__(self, config: BackendConfig) -> None:
-        from minisgl.backends.sgl import SGLEngine
-        from minisgl.engine.engine import EngineConfig
+        from minisgl.engine.cuda.engine import SGLEngine
+        from minisgl.engine import EngineConfig
         from minisgl.models.loader import load_model
         from tests.test_sgl_backend import _interpreter_numpy_shim
 
@@ -61,7 +62,7 @@ class SGLEngineOnCPU(EngineBackend):
         mc = model.config
         self.engine = SGLEngine(model, EngineConfig(
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-            kv_tokens=config.kv_cache_tokens, max_context_len=mc.max_position_embeddings,
+            kv_tokens=config.kv_cache_tokens, max_model_len=mc.max_position_embeddings,
             max_running=config.max_running, chunk_size=config.chunk_size), torch.device("cpu"), torch.float32,
             cuda_graph_max_bs=0, warm_kernels=False)
 

@@ -19,7 +19,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from minisgl.models.fetch import ModelFetchError, ensure_default_model  # noqa: E402
+from minisgl.assets.embedded import ModelFetchError, ensure_default_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

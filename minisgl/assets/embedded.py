@@ -436,7 +436,7 @@ def resolve_model_dir(model_name: str | None, model_local_dir: str | None, revis
     Order: MODEL_LOCAL_DIR (must exist with a config.json); the embedded default (fetched on first
     use); model_name as a local directory; cache_root()/models/<last component of model_name>; then
     model_name as a Hugging Face Hub repo id (<org>/<repo>, at `revision`), through the Hugging Face
-    cache (models/hub.py). supported: the architectures the chosen backend runs (None: any).
+    cache (assets/hub.py). supported: the architectures the chosen backend runs (None: any).
     """
     if model_local_dir:
         return _check_local_dir(Path(model_local_dir).expanduser(), "MODEL_LOCAL_DIR")
@@ -448,7 +448,7 @@ def resolve_model_dir(model_name: str | None, model_local_dir: str | None, revis
     cached = cache_root() / "models" / model_name.rstrip("/").split("/")[-1]
     if revision is None and (cached / "config.json").is_file():
         return cached
-    from minisgl.models.hub import HubError, fetch_from_hub, looks_like_repo_id
+    from minisgl.assets.hub import HubError, fetch_from_hub, looks_like_repo_id
 
     if not looks_like_repo_id(model_name):
         raise ModelFetchError(

@@ -1,4 +1,4 @@
-"""What every worker backend implements, and the registry that picks one by name.
+"""What every worker backend implements (the registry that names them is registry.py).
 
 The worker process (procs/worker.py) owns the sockets; a backend owns the model and the KV state and
 knows nothing about ZeroMQ. The worker loop is:
@@ -14,49 +14,13 @@ knows nothing about ZeroMQ. The worker loop is:
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from minisgl.messages import TokenizedReq, TokenOut
+from minisgl.config import BackendConfig
+from minisgl.engine.output import StepOutput
+from minisgl.messages import LoadStats, TokenizedReq
 
-
-@dataclass(frozen=True)
-class BackendConfig:
-    model_path: str  # local Hugging Face style checkpoint directory
-    device: str = "cpu"
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    load_format: str = "auto"  # auto | safetensors | gguf | dummy
-    max_running: int = 64  # requests decoded together at most
-    kv_cache_tokens: int = 0  # KV pool size in tokens; 0 = derive from memory fraction
-    kv_memory_fraction: float = 0.3  # of free device (or host) memory, when kv_cache_tokens is 0
-    chunk_size: int = 512  # prefill token budget per engine step (chunked prefill)
-    max_model_len: int = 0  # 0 = model's max_position_embeddings
-    hf_concurrency: int = 16  # hf backend: generate() threads at once
-    narrate: bool = False  # log each prefill / decode step in plain words
-    seed: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class BackendStats:
-    running: int = 0
-    waiting: int = 0
-    kv_used_tokens: int = 0
-    kv_total_tokens: int = 0
-    cached_tokens_total: int = 0
-    prompt_tokens_total: int = 0
-
-
-@dataclass
-class StepOutput:
-    # one item per request that produced tokens or finished this step; the last item of a request
-    # has finish_reason set ("stop", "length", "abort", "error") and its usage counts filled in.
-    outputs: list[TokenOut] = field(default_factory=list)
-    # rids that left the backend this step (including warm-up requests, which emit no outputs)
-    finished: list[str] = field(default_factory=list)
-    # prefix cache changes, as full token sequences from the root, for the scheduler's index
-    cache_inserted: list[list[int]] = field(default_factory=list)
-    cache_evicted: list[list[int]] = field(default_factory=list)
+__all__ = ["Backend", "BackendConfig", "EngineBackend", "LoadStats", "StepOutput"]
 
 
 class Backend(abc.ABC):
@@ -88,7 +52,7 @@ class Backend(abc.ABC):
         """Drop every unreferenced cached prefix."""
 
     @abc.abstractmethod
-    def stats(self) -> BackendStats: ...
+    def stats(self) -> LoadStats: ...
 
     def max_context_len(self) -> int:
         """Longest prompt + generation the backend can hold for one request."""
@@ -122,49 +86,8 @@ class EngineBackend(Backend):
     def flush_cache(self) -> None:
         self.engine.flush_cache()
 
-    def stats(self) -> BackendStats:
+    def stats(self) -> LoadStats:
         return self.engine.stats()
 
     def max_context_len(self) -> int:
         return self.engine.max_context_len
-
-
-BACKENDS: dict[str, Callable[[BackendConfig], Backend]] = {}
-
-
-def register_backend(name: str) -> Callable[[type[Backend]], type[Backend]]:
-    def wrap(cls: type[Backend]) -> type[Backend]:
-        cls.name = name
-        BACKENDS[name] = cls
-        return cls
-
-    return wrap
-
-
-def create_backend(name: str, config: BackendConfig) -> Backend:
-    # Import lazily so that a CPU-only machine never imports CUDA or MLX code it cannot run.
-    import importlib
-
-    modules = {"hf": "minisgl.backends.hf", "torch": "minisgl.backends.torch_backend",
-               "sgl": "minisgl.backends.sgl", "mlx": "minisgl.backends.mlx_backend"}
-    if name not in modules:
-        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(modules)}")
-    importlib.import_module(modules[name])
-    return BACKENDS[name](config)
-
-
-def default_backend_name() -> str:
-    """sgl on CUDA, mlx on Apple silicon with MLX installed, else torch."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return "sgl"
-        if torch.backends.mps.is_available():
-            import importlib.util
-
-            if importlib.util.find_spec("mlx_lm") is not None:
-                return "mlx"
-    except ImportError:
-        pass
-    return "torch"

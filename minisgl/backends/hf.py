@@ -17,13 +17,15 @@ import torch
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from minisgl.backends.base import Backend, BackendConfig, BackendStats, StepOutput, register_backend
+from minisgl.backends.base import Backend
+from minisgl.config import BackendConfig
+from minisgl.engine.output import StepOutput
 from minisgl.engine.sampler import mix_seed
-from minisgl.messages import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, TokenizedReq, TokenOut
+from minisgl.messages import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, LoadStats, TokenizedReq, TokenOut
+from minisgl.models.config import dtype_named
 
 log = logging.getLogger("minisgl.hf")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class IdStreamer(BaseStreamer):
@@ -59,11 +61,10 @@ class HFRequest:
     completion: list[int] = field(default_factory=list)
 
 
-@register_backend("hf")
 class HFBackend(Backend):
     def __init__(self, config: BackendConfig) -> None:
         super().__init__(config)
-        dtype = DTYPES.get(config.dtype, torch.float32 if config.device == "cpu" else torch.bfloat16)
+        dtype = dtype_named(config.dtype) or (torch.float32 if config.device == "cpu" else torch.bfloat16)
         self.model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=dtype).to(config.device).eval()
         self.pool = ThreadPoolExecutor(max_workers=max(1, config.hf_concurrency), thread_name_prefix="hf-generate")
         self.tokens: queue.Queue[tuple[str, list[int]]] = queue.Queue()
@@ -155,9 +156,9 @@ class HFBackend(Backend):
         hit_stop = not p.ignore_eos and bool(r.completion) and r.completion[-1] in stops
         return TokenOut(**base, finish_reason=FINISH_STOP if hit_stop else FINISH_LENGTH)
 
-    def stats(self) -> BackendStats:
+    def stats(self) -> LoadStats:
         running = sum(1 for r in self.reqs.values() if r.future is not None and r.future.running())
-        return BackendStats(running=running, waiting=len(self.reqs) - running, prompt_tokens_total=self.prompt_tokens_total)
+        return LoadStats(running=running, waiting=len(self.reqs) - running, prompt_tokens_total=self.prompt_tokens_total)
 
     def shutdown(self) -> None:
         for r in self.reqs.values():

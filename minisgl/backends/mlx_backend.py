@@ -24,14 +24,16 @@ from mlx_lm.models.cache import LRUPromptCache, PromptTrie, trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, make_sampler
 from mlx_lm.utils import load_model
 
-from minisgl.backends.base import Backend, BackendConfig, BackendStats, StepOutput, register_backend
+from minisgl.backends.base import Backend
+from minisgl.config import BackendConfig
+from minisgl.engine.output import StepOutput
 from minisgl.cache.kv_pool import free_memory_bytes
-from minisgl.messages import (FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, SamplingParams,
+from minisgl.models.config import dtype_named
+from minisgl.messages import (FINISH_ABORT, LoadStats, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, SamplingParams,
                               TokenizedReq, TokenOut)
 
 log = logging.getLogger("minisgl.mlx")
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 PREFILL_BATCH = 8  # prompts prefilled together in one step (mlx-lm's default)
 # Prefix-cache budget when kv_cache_tokens is 0: kv_memory_fraction of free host memory (MLX's memory
 # is host memory, unified with the GPU on Apple silicon), at most this many tokens.
@@ -112,21 +114,19 @@ class _Req:
         return self.req.warmup
 
 
-@register_backend("mlx")
 class MLXBackend(Backend):
     def __init__(self, config: BackendConfig) -> None:
         super().__init__(config)
         if config.load_format not in ("auto", "safetensors"):
             raise ValueError(f"the mlx backend loads safetensors checkpoints only, not {config.load_format!r}")
-        if config.dtype != "auto" and config.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {config.dtype!r}; choose auto or one of {sorted(DTYPES)}")
+        dtype_named(config.dtype)  # the one table of dtype names: an unknown one is refused here too
         if config.device == "cpu":
             mx.set_default_device(mx.cpu)  # on Apple silicon MLX would otherwise pick the GPU
         mx.random.seed(config.seed)
         # load_model reads a local directory only (mlx_lm.load would also accept a hub repo id).
         self.model, model_cfg = load_model(Path(config.model_path))
-        if config.dtype in DTYPES:
-            self.model.set_dtype(DTYPES[config.dtype])
+        if config.dtype != "auto":
+            self.model.set_dtype(getattr(mx, config.dtype))
             mx.eval(self.model.parameters())
         self._max_context = int(config.max_model_len or model_cfg.get("max_position_embeddings") or 0)
         self._vocab = int(model_cfg.get("vocab_size") or 0)
@@ -343,12 +343,12 @@ class MLXBackend(Backend):
 
     # ------------------------------------------------------------------ reporting
 
-    def stats(self) -> BackendStats:
+    def stats(self) -> LoadStats:
         running = sum(1 for r in self._by_uid.values() if r.started)
         # KV the generator's batches and the prefix cache really hold (padding and MLX's 256-token
         # allocation steps included), in tokens.
         used = (self.gen.prompt_cache_nbytes + self.prompt_cache.nbytes) // self._per_token
-        return BackendStats(running=running, waiting=len(self._by_uid) - running,
+        return LoadStats(running=running, waiting=len(self._by_uid) - running,
                             kv_used_tokens=used, kv_total_tokens=self._cache_tokens,
                             cached_tokens_total=self.cached_tokens_total,
                             prompt_tokens_total=self.prompt_tokens_total)

@@ -2,11 +2,11 @@
 
 It loads the model with our own loader, sizes the paged KV pool, and forwards every call to the
 engine. Everything interesting (scheduling, paged attention, sampling) lives in minisgl.engine. On a
-CPU the forward takes one of the paths of engine/cpu_isa.py, chosen from what the CPU has (or
-MINISGL_CPU_ISA): with AMX the linears are packed bfloat16 matmuls (engine/cpu_linear.py); with
+CPU the forward takes one of the paths of engine/cpu/isa.py, chosen from what the CPU has (or
+MINISGL_CPU_ISA): with AMX the linears are packed bfloat16 matmuls (engine/cpu/linear.py); with
 AVX-512 or AVX2 they stream compact weights (the GGUF's own blocks, or bfloat16) through C kernels
-(engine/cpu_weights.py); on both the ops between them run as fused C kernels (engine/cpu_forward.py,
-engine/cpu_kernels.c). Elsewhere, the model's own torch ops.
+(engine/cpu/weights.py); on both the ops between them run as fused C kernels (engine/cpu/forward.py,
+engine/cpu/kernels.c). Elsewhere, the model's own torch ops.
 """
 
 from __future__ import annotations
@@ -15,47 +15,47 @@ import logging
 
 import torch
 
-from minisgl.backends.base import BackendConfig, EngineBackend, register_backend
-from minisgl.cache.kv_pool import kv_bytes_per_token, tokens_for_memory
-from minisgl.config import switched_off
+from minisgl.backends.base import EngineBackend
+from minisgl.cache.kv_pool import tokens_for_memory
+from minisgl.config import BackendConfig, switched_off
 from minisgl.distributed.group import tp_world
-from minisgl.engine import cpu_isa
-from minisgl.engine.cpu_forward import FusedCpuForward
-from minisgl.engine.cpu_kernels import load_cpu_kernels
-from minisgl.engine.cpu_linear import pack_linears
-from minisgl.engine.cpu_weights import weights_for
-from minisgl.engine.engine import Engine, EngineConfig
-from minisgl.models.loader import load_model
+from minisgl.engine.cpu import isa as cpu_isa
+from minisgl.engine.cpu.forward import FusedCpuForward
+from minisgl.engine.cpu.kernels import load_cpu_kernels
+from minisgl.engine.cpu.linear import pack_linears
+from minisgl.engine.cpu.weights import weights_for
+from minisgl.engine.config import load_for_engine
+from minisgl.engine.engine import Engine
+from minisgl.models.config import dtype_named
 
 log = logging.getLogger("minisgl.torch_backend")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # On a host-memory device the pool competes with everything else on the box; more than this many
 # tokens buys nothing for the small models a CPU serves.
 CPU_MAX_KV_TOKENS = 65536
 
 
-@register_backend("torch")
 class TorchBackend(EngineBackend):
     def __init__(self, config: BackendConfig) -> None:
         super().__init__(config)
         device = torch.device(config.device)
         # Threads: torch's default is every physical core; the worker process divides them among CPU
         # workers before it builds us, so we leave the count alone.
-        model = load_model(config.model_path, device, self._dtype(), config.load_format, seed=config.seed)
         # TP > 1 on CPU: the plain torch path (packing would swap out the vocab-parallel logits hook).
         self.cpu_path = self._cpu_path(device) if tp_world() == 1 else "torch"
-        packed = pack_linears(model) if self.cpu_path == "amx" and self._amx_linears() else 0
+        packed = 0
+
+        def pack(model: torch.nn.Module) -> None:
+            nonlocal packed
+            if self.cpu_path == "amx" and self._amx_linears():
+                packed = pack_linears(model)
+
+        model, ecfg = load_for_engine(config, device, dtype_named(config.dtype),
+                                      lambda per_token: self._kv_tokens_from_memory(device, per_token), pack)
         mc = model.config
         dtype = next(model.parameters()).dtype
-        max_len = config.max_model_len or mc.max_position_embeddings
-        kv_tokens = config.kv_cache_tokens or self._kv_tokens_from_memory(
-            device, kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype), max_len)
         self.fused: FusedCpuForward | None = self._fused_forward(model) if self.cpu_path != "torch" else None
-        self.engine = Engine(self.fused or model, EngineConfig(
-            num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-            kv_tokens=kv_tokens, max_context_len=max_len, max_running=config.max_running,
-            chunk_size=config.chunk_size, narrate=config.narrate, seed=config.seed), device, dtype)
+        self.engine = Engine(self.fused or model, ecfg, device, dtype)
         amx = f", {packed} matmuls as packed bfloat16 oneDNN" if packed else ""
         if self.fused is not None:
             kernels = self.fused.kernels
@@ -64,11 +64,11 @@ class TorchBackend(EngineBackend):
         elif device.type == "cpu":
             amx += ", torch ops"
         log.info("torch backend: %s on %s (%s%s), KV pool %d tokens (%.2f GiB), context %d, threads %d",
-                 mc.architecture, device, dtype, amx, kv_tokens, self.engine.pool.nbytes() / 2**30,
+                 mc.architecture, device, dtype, amx, ecfg.kv_tokens, self.engine.pool.nbytes() / 2**30,
                  self.engine.max_context_len, torch.get_num_threads())
 
     def _cpu_path(self, device: torch.device) -> str:
-        """amx, avx512, avx2 or torch (engine/cpu_isa.py); extra cpu_isa (else MINISGL_CPU_ISA) forces
+        """amx, avx512, avx2 or torch (engine/cpu/isa.py); extra cpu_isa (else MINISGL_CPU_ISA) forces
         one, extra cpu_kernels=0 (or MINISGL_CPU_KERNELS=0) means torch ops."""
         if device.type != "cpu":
             return "torch"
@@ -77,7 +77,7 @@ class TorchBackend(EngineBackend):
         return cpu_isa.choose(self.config.extra.get("cpu_isa") or None)
 
     def _fused_forward(self, model: torch.nn.Module) -> FusedCpuForward | None:
-        """Every step through the fused CPU kernels (engine/cpu_forward.py) where the model suits the
+        """Every step through the fused CPU kernels (engine/cpu/forward.py) where the model suits the
         path and the kernels build here; else the model's own ops."""
         vector = self.cpu_path in ("avx512", "avx2")
         if not FusedCpuForward.supports(model, vector=vector):
@@ -91,26 +91,12 @@ class TorchBackend(EngineBackend):
         weights = weights_for(model, kernels, self.config.model_path, lossy_bf16=self.config.dtype == "auto")
         return FusedCpuForward(model, kernels, weights)
 
-    def _dtype(self) -> torch.dtype | None:
-        """None (auto): the loader's choice, the checkpoint's dtype on CUDA and float32 elsewhere."""
-        if self.config.dtype == "auto":
-            return None
-        if self.config.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.config.dtype!r}; choose auto or one of {sorted(DTYPES)}")
-        return DTYPES[self.config.dtype]
-
     def _amx_linears(self) -> bool:
-        """On the amx path, run the linears as packed bfloat16 matmuls (engine/cpu_linear.py): for a
+        """On the amx path, run the linears as packed bfloat16 matmuls (engine/cpu/linear.py): for a
         bfloat16 model, and by default (auto) for a float32 one, whose norms, attention, KV cache and
         logits stay float32. dtype=float32 keeps every weight float32."""
         return self.config.dtype in ("auto", "bfloat16")
 
-    def _kv_tokens_from_memory(self, device: torch.device, per_token: int, max_len: int) -> int:
+    def _kv_tokens_from_memory(self, device: torch.device, per_token: int) -> int:
         tokens = tokens_for_memory(self.config.kv_memory_fraction, per_token, device)
-        tokens = min(tokens, self.config.max_running * max_len)  # more could never be used
-        if device.type != "cuda":
-            tokens = min(tokens, CPU_MAX_KV_TOKENS)
-        if tokens < 256:
-            raise RuntimeError(f"not enough free memory for a KV cache ({tokens} tokens); "
-                               "set kv_cache_tokens or free some memory")
-        return tokens
+        return tokens if device.type == "cuda" else min(tokens, CPU_MAX_KV_TOKENS)

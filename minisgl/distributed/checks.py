@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TP_BACKENDS = ("torch", "sgl")  # the backends built on our engine; hf and mlx have no sharded model
+from minisgl.backends.registry import BACKENDS
 
 
 def device_type(device: str) -> str:
@@ -39,8 +39,9 @@ def check_tp_request(tp: int, workers: int, backend: str, device: str, model_dir
         raise ValueError(f"TP_SIZE must be at least 1, not {tp}")
     if tp == 1:
         return
-    if backend not in TP_BACKENDS:
-        raise ValueError(f"TP_SIZE={tp} needs BACKEND_IMPL torch or sgl (our engine); the {backend} backend "
+    engines = [name for name, spec in BACKENDS.items() if spec.engine]  # the others have no sharded model
+    if backend not in engines:
+        raise ValueError(f"TP_SIZE={tp} needs BACKEND_IMPL {' or '.join(engines)} (our engine); the {backend} backend "
                          "cannot split a model over devices")
     import torch
     import torch.distributed as dist
@@ -62,7 +63,7 @@ def check_tp_request(tp: int, workers: int, backend: str, device: str, model_dir
     if not dist.is_available() or not dist.is_gloo_available():
         raise RuntimeError(f"TP_SIZE={tp} needs torch.distributed with gloo, missing from torch {torch.__version__}")
     if model_dir is not None and (model_dir / "config.json").exists():
-        from minisgl.distributed.sharding import check_tp_shape
-        from minisgl.models.loader import load_config
+        from minisgl.models.sharding import check_tp_shape
+        from minisgl.models.config import load_config
 
         check_tp_shape(load_config(model_dir), tp, model_dir.name)

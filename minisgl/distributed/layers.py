@@ -1,7 +1,7 @@
 """The layers that communicate. Column-parallel q/k/v and gate/up are plain MergedLinear modules with
 1/N of the rows (built from the per-rank config, see sharding.local_config), so they are not here.
 
-None of these is an nn.Linear subclass on purpose: the CPU fast path (engine/cpu_linear.pack_linears)
+None of these is an nn.Linear subclass on purpose: the CPU fast path (engine/cpu/linear.pack_linears)
 swaps nn.Linear modules for packed ones, which would drop the collective; with TP>1 on CPU the torch
 backend does not pack at all (plain torch path).
 """

@@ -58,7 +58,7 @@ class PagedAttention:
 
     def prefill_rows(self) -> PagedAttention:
         """The context of this step's prompt-chunk rows alone (the rows after the decode tokens), for a
-        caller that handles the decode rows itself (engine/cpu_forward.py)."""
+        caller that handles the decode rows itself (engine/cpu/forward.py)."""
         b = self.num_decode
         segments = [PrefillSegment(s.start - b, s.end - b, s.kv_slots, s.mask) for s in self.segments]
         return PagedAttention(self.pool, self.write_slots[b:], self.logits_indices, 0, None, None, segments)

@@ -33,30 +33,18 @@ from dataclasses import dataclass
 
 import torch
 
-from minisgl.backends.base import BackendStats, StepOutput
 from minisgl.cache.kv_cache import KVCache
 from minisgl.cache.kv_pool import KVPool
 from minisgl.engine.attention import PagedAttention, PrefillSegment, prefix_causal_mask
+from minisgl.engine.config import EngineConfig
 from minisgl.engine.logprobs import PromptRows, extend, prompt_logprobs, sampled_logprobs
+from minisgl.engine.output import StepOutput
 from minisgl.engine.request import Req, Status
 from minisgl.engine.sampler import Sampler
-from minisgl.messages import (FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, SamplingParams,
+from minisgl.messages import (FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, LoadStats, SamplingParams,
                               TokenizedReq, TokenOut)
 
 logger = logging.getLogger("minisgl.engine")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    kv_tokens: int  # KV pool size in tokens
-    max_context_len: int  # prompt + generated tokens of one request, at most
-    max_running: int = 64
-    chunk_size: int = 512
-    narrate: bool = False
-    seed: int = 0
 
 
 @dataclass
@@ -160,8 +148,8 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self.warmups or self._finals or self._finished)
 
-    def stats(self) -> BackendStats:
-        return BackendStats(running=len(self.running), waiting=len(self.waiting),
+    def stats(self) -> LoadStats:
+        return LoadStats(running=len(self.running), waiting=len(self.waiting),
                             kv_used_tokens=self.pool.total - self.kv.available,
                             kv_total_tokens=self.pool.total,
                             cached_tokens_total=self.cached_tokens_total,
@@ -284,7 +272,7 @@ class Engine:
         t0 = time.perf_counter() if self.config.narrate else 0.0
         self._prompt_rows = []
         ids, positions, ctx, sample_reqs = self._build_batch(decode, decode_slots, chunks)
-        logits = self.model(ids, positions, ctx)
+        logits = self.forward(ids, positions, ctx)
         for r in decode:
             r.kv_len += 1
         for c in chunks:
@@ -312,6 +300,11 @@ class Engine:
                 self._finish_warmup(r)
             else:  # cache the prompt computed so far, so requests arriving now can share it
                 self._cache_running(r)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:  # noqa: ANN001
+        """The step's one forward pass: the model's (or a fused CPU forward's) call. An engine that runs
+        some steps another way (the CUDA engine: graph replay) overrides this."""
+        return self.model(ids, positions, ctx)
 
     def _prompt_rows_of(self, r: Req, start: int, k0: int, n: int) -> list[int]:
         """Rows (in the step's flat layout) of a chunk whose prompt tokens still need scores; records
@@ -352,22 +345,35 @@ class Engine:
             table_dec = self.table[rows, : max(pos_list) + 1]
             write.append(decode_slots)
             positions.append(pos)
-        segments: list[PrefillSegment] = []
         logits_idx = list(range(b))
-        prompt_idx: list[int] = []
         sample_reqs = list(decode)
-        start = b
+        specs = self._lay_out_chunks(chunks, b, ids, logits_idx, sample_reqs)
+        write += [c.slots for c in chunks]
+        segments: list[PrefillSegment] = []
+        for (start, n, row, k0), c in zip(specs, chunks):
+            positions.append(torch.arange(k0, k0 + n, device=dev))
+            if k0:  # part of the sequence is in the pool already: attend over it, causal with an offset
+                segments.append(PrefillSegment(start, start + n, self.table[row, :k0 + n],
+                                               prefix_causal_mask(k0, n, self.pool.dtype, dev)))
+            else:
+                segments.append(PrefillSegment(start, start + n, c.slots, None))
+        ctx = PagedAttention(self.pool, torch.cat(write) if len(write) > 1 else write[0],
+                             torch.tensor(logits_idx, dtype=torch.int64, device=dev), b, table_dec,
+                             lens_dec, segments)
+        return torch.tensor(ids, dtype=torch.int64, device=dev), torch.cat(positions), ctx, sample_reqs
+
+    def _lay_out_chunks(self, chunks: list[_Chunk], start: int, ids: list[int], logits_idx: list[int],
+                        sample_reqs: list[Req]) -> list[tuple[int, int, int, int]]:
+        """The prompt chunks' part of a step's flat layout, after `start` decode tokens: their ids, their
+        slots in the table, the rows to sample (a chunk that completes its prompt) and, after those, the
+        echo rows to score. Returns (first row, tokens, table row, tokens before it) per chunk."""
+        specs: list[tuple[int, int, int, int]] = []
+        prompt_idx: list[int] = []  # echo rows go after every sampled row (_run splits them off)
         for c in chunks:
             r, k0 = c.req, c.req.kv_len
             ids.extend(r.all_ids[k0:k0 + c.n])
             self.table[r.row, k0:k0 + c.n] = c.slots
-            write.append(c.slots)
-            positions.append(torch.arange(k0, k0 + c.n, device=dev))
-            if k0:  # part of the sequence is in the pool already: attend over it, causal with an offset
-                segments.append(PrefillSegment(start, start + c.n, self.table[r.row, :k0 + c.n],
-                                               prefix_causal_mask(k0, c.n, self.pool.dtype, dev)))
-            else:
-                segments.append(PrefillSegment(start, start + c.n, c.slots, None))
+            specs.append((start, c.n, r.row, k0))
             if r.scores_prompt:
                 prompt_idx += self._prompt_rows_of(r, start, k0, c.n)
             start += c.n
@@ -375,10 +381,7 @@ class Engine:
                 logits_idx.append(start - 1)
                 sample_reqs.append(r)
         logits_idx += prompt_idx
-        ctx = PagedAttention(self.pool, torch.cat(write) if len(write) > 1 else write[0],
-                             torch.tensor(logits_idx, dtype=torch.int64, device=dev), b, table_dec,
-                             lens_dec, segments)
-        return torch.tensor(ids, dtype=torch.int64, device=dev), torch.cat(positions), ctx, sample_reqs
+        return specs
 
     def _narrate(self, decode: list[Req], chunks: list[_Chunk], seconds: float) -> None:
         ms = seconds * 1000

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from minisgl.backends.features import backend_supports
+from minisgl.backends.registry import backend_supports
 from minisgl.messages import SamplingParams, TokenLogprob
 
 MAX_N = 16  # choices per request

@@ -16,7 +16,7 @@ from minisgl.models.context import ForwardContext
 from minisgl.models.layers import MergedLinear, RMSNorm, RotaryEmbedding, SiluMLP, apply_rope
 
 if TYPE_CHECKING:
-    from minisgl.models.loader import ModelConfig
+    from minisgl.models.config import ModelConfig
 
 
 class Attention(nn.Module):
@@ -132,7 +132,7 @@ class CausalLM(nn.Module):
         self.model = DecoderModel(config, o_bias, self.qk_norm)
         tied = config.tie_word_embeddings
         self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # A backend may set a faster projection of the same weight here (engine/cpu_linear.py packs it
+        # A backend may set a faster projection of the same weight here (engine/cpu/linear.py packs it
         # for AMX); None means F.linear on lm_head_weight().
         self.logits_proj: nn.Module | None = None
 

@@ -24,7 +24,8 @@ from torch import nn
 from minisgl.distributed.group import TPGroup
 from minisgl.distributed.layers import RowParallelLinear, VocabParallelEmbedding, VocabParallelLogits
 from minisgl.models.decoder import CausalLM
-from minisgl.models.loader import ModelConfig
+from minisgl.models.config import ModelConfig
+from minisgl.models.weights import open_checkpoint
 from minisgl.models.registry import get_model_class
 
 _ROWS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # checkpoint names, split by output rows
@@ -147,26 +148,15 @@ def _init_dummy_shard(model: CausalLM, config: ModelConfig, tp: TPGroup, seed: i
 def load_sharded_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype | None, load_format: str,
                        seed: int, tp: TPGroup) -> CausalLM:
     """load_model for a TP rank: the same formats, each checkpoint tensor sliced as it streams by."""
-    from minisgl.models import loader
-
     model_dir = Path(model_dir)
-    fmt = loader._resolve_format(model_dir, load_format)
-    tensors = None
-    if fmt == "gguf":
-        has_config = (model_dir / "config.json").exists()
-        gguf_config, gguf_tensors = loader.read_gguf(loader._gguf_file(model_dir), model_dir if has_config else None)
-        config = loader.load_config(model_dir) if has_config else ModelConfig.from_dict(gguf_config)
-        tensors = gguf_tensors.items()
-    else:
-        config = loader.load_config(model_dir)
+    _, config, tensors = open_checkpoint(model_dir, load_format)
     check_tp_shape(config, tp.world, model_dir.name)
     if dtype is None:
         dtype = config.torch_dtype if device.type == "cuda" else torch.float32
     model = build_local_model(config, tp, device, dtype)
-    if fmt == "dummy":
+    if tensors is None:
         _init_dummy_shard(model, config, tp, seed)
     else:
-        source = tensors if tensors is not None else loader.iter_safetensors(model_dir)
-        model.load_weights((name, shard_tensor(name, t, config, tp.rank, tp.world)) for name, t in source)
+        model.load_weights((name, shard_tensor(name, t, config, tp.rank, tp.world)) for name, t in tensors)
     model.requires_grad_(False)
     return model.eval()

@@ -302,9 +302,7 @@ class SchedulerCore:
             "counters": dict(vars(self.counters)),
             "workers": [
                 {
-                    "worker_id": w.worker_id, "up": w.up, "inflight": w.load, "running": w.running,
-                    "waiting": w.waiting, "kv_used_tokens": w.kv_used_tokens, "kv_total_tokens": w.kv_total_tokens,
-                    "cached_tokens_total": w.cached_tokens_total, "prompt_tokens_total": w.prompt_tokens_total,
+                    "worker_id": w.worker_id, "up": w.up, "inflight": w.load, **msgspec.structs.asdict(w.stats),
                     "cache_hit_rate": w.cache_hit_rate(), "dispatched_total": w.dispatched_total,
                     "index_tokens": w.index.num_tokens,
                 }

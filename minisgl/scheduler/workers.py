@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from minisgl.messages import WorkerStatus
+import msgspec
+
+from minisgl.messages import LoadStats, WorkerStatus
 from minisgl.scheduler.index import PrefixIndex
 
 
@@ -15,12 +17,7 @@ class WorkerState:
     inflight: set[str] = field(default_factory=set)  # dispatched here and not yet reported finished
     accepted: set[str] = field(default_factory=set)  # of those, the ones the worker said it took in
     pid: int = 0
-    running: int = 0
-    waiting: int = 0
-    kv_used_tokens: int = 0
-    kv_total_tokens: int = 0
-    cached_tokens_total: int = 0
-    prompt_tokens_total: int = 0
+    stats: LoadStats = field(default_factory=LoadStats)  # as the worker last reported them
     dispatched_total: int = 0
     index: PrefixIndex = field(default_factory=PrefixIndex)
 
@@ -30,10 +27,7 @@ class WorkerState:
 
     def apply_status(self, status: WorkerStatus) -> list[str]:
         """Update from a worker report; returns the rids that finished there."""
-        self.running, self.waiting = status.running, status.waiting
-        self.kv_used_tokens, self.kv_total_tokens = status.kv_used_tokens, status.kv_total_tokens
-        self.cached_tokens_total = status.cached_tokens_total
-        self.prompt_tokens_total = status.prompt_tokens_total
+        self.stats = status.load
         if status.cache_flushed:
             self.index.clear()
         for seq in status.cache_evicted:
@@ -54,9 +48,10 @@ class WorkerState:
         self.up = False
         self.inflight.clear()
         self.accepted.clear()
-        self.running = self.waiting = self.kv_used_tokens = 0
+        self.stats = msgspec.structs.replace(self.stats, running=0, waiting=0, kv_used_tokens=0)
         self.index.clear()
         return started, never_ran
 
     def cache_hit_rate(self) -> float:
-        return self.cached_tokens_total / self.prompt_tokens_total if self.prompt_tokens_total else 0.0
+        s = self.stats
+        return s.cached_tokens_total / s.prompt_tokens_total if s.prompt_tokens_total else 0.0

@@ -1,4 +1,5 @@
-"""Tokenizer process: text (or chat messages) -> token ids, and worker token batches -> text deltas.
+"""The tokenizer process's logic (procs/tokenizer.py is its main): text (or chat messages) -> token ids,
+and worker token batches -> text deltas (through detokenize.py).
 
 In:  GenerateReq / AbortReq from the gateway; TokenBatch from workers (and from the scheduler, for
      requests it failed before dispatch); PeerRestarted from a restarted scheduler or gateway.
@@ -12,7 +13,6 @@ comes later is forwarded to the scheduler, which by then has the request (same p
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import deque
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import msgspec
 import zmq
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from minisgl import ipc
-from minisgl.narration import relay_to_gateway
+from minisgl.assets.checkpoint import eos_token_ids, read_json
 from minisgl.config import ServerConfig, context_window
-from minisgl.detokenize import RequestDetokenizer
+from minisgl.tokenizer.detokenize import RequestDetokenizer
 from minisgl.messages import (
     FINISH_ERROR,
     FINISH_STOP,
@@ -58,21 +58,9 @@ class InputError(ValueError):
 def model_vocab_size(model_path: str, fallback: int) -> int:
     """The model's vocabulary (its logits' width), which may be larger than the tokenizer's."""
     try:
-        return int(json.loads((Path(model_path) / "config.json").read_text()).get("vocab_size") or fallback)
+        return int(read_json(Path(model_path) / "config.json").get("vocab_size") or fallback)
     except (OSError, ValueError):
         return fallback
-
-
-def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model_path: str) -> list[int]:
-    """The model's eos ids: generation_config.json first (it may list several), then the tokenizer."""
-    ids: list[int] = []
-    gen_cfg = Path(model_path) / "generation_config.json"
-    if gen_cfg.exists():
-        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
-        ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return sorted(set(ids))
 
 
 @dataclass
@@ -90,7 +78,7 @@ class TokenizerService:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.fast = tokenizer.backend_tokenizer  # the Rust tokenizer, for DecodeStream
-        self.eos_ids = eos_token_ids(tokenizer, cfg.model_path)
+        self.eos_ids = eos_token_ids(cfg.model_path, tokenizer.eos_token_id)
         self.context = context_window(cfg)
         self.vocab_size = model_vocab_size(cfg.model_path, len(tokenizer))
         self.states: dict[str, ReqState] = {}
@@ -339,14 +327,3 @@ class TokenizerLoop:
                             error="the scheduler process restarted; this request was lost, retry it")
                     for rid in rids]))
             log.error("%s restarted: dropped %d request(s) in flight", msg.name, len(rids))
-
-
-def main() -> None:
-    cfg = ipc.become_child("tokenizer")
-    relay_to_gateway(cfg, "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-    TokenizerLoop(cfg, TokenizerService(cfg, tokenizer)).run()
-
-
-if __name__ == "__main__":
-    main()

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from minisgl.engine.attention import PagedAttention
-from minisgl.engine.cpu_kernels import (CpuKernels, attention_scratch_size, check_attention_shape,
+from minisgl.engine.cpu.kernels import (CpuKernels, attention_scratch_size, check_attention_shape,
                                         check_decode_batch)
-from minisgl.engine.cpu_linear import PackedLinear
-from minisgl.engine.cpu_weights import CpuWeight
+from minisgl.engine.cpu.linear import PackedLinear
+from minisgl.engine.cpu.weights import CpuWeight
 
 
 def _linear(x: torch.Tensor, lin: PackedLinear) -> torch.Tensor:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from minisgl.engine.cpu_linear import cpu_has_amx as has_amx
+from minisgl.engine.cpu.linear import cpu_has_amx as has_amx
 
 log = logging.getLogger("minisgl.engine")
 

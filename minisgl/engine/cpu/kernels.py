@@ -37,7 +37,7 @@ from minisgl.config import switched_off
 
 log = logging.getLogger("minisgl.engine")
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 # -ffast-math's parts that the loops need (reassociation: ~1.4x on the attention), not -ffast-math
 # itself: gcc < 13 then links crtfastmath.o, whose constructor turns on flush-to-zero for the whole
 # process at load time.
@@ -61,7 +61,7 @@ _F = ctypes.c_float
 
 
 def cache_dir() -> Path:
-    from minisgl.models.fetch import cache_root
+    from minisgl.assets.embedded import cache_root
 
     return cache_root() / "kernels"
 
@@ -282,7 +282,7 @@ def load_cpu_kernels(isa: str | None = None) -> CpuKernels | None:
     if switched_off(os.environ.get("MINISGL_CPU_KERNELS", "1")):
         return None
     if isa is None:
-        from minisgl.engine.cpu_isa import kernel_isa
+        from minisgl.engine.cpu.isa import kernel_isa
 
         isa = kernel_isa()
         if isa is None:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisgl.engine.cpu_kernels import CpuKernels, weight_row_bytes
+from minisgl.engine.cpu.kernels import CpuKernels, weight_row_bytes
 
 log = logging.getLogger("minisgl.engine")
 

@@ -1,107 +1,40 @@
-"""The `sgl` backend: our batching engine (minisgl.engine) on CUDA with fast kernels.
+"""SGLEngine: our batching engine (minisgl.engine) on CUDA with fast kernels, run by the `sgl` backend
+(minisgl/backends/sgl_backend.py, which loads the model, sizes the pool and reads the options).
 
-What differs from the `torch` backend (same scheduling, radix cache, sampling):
+What differs from the portable Engine (same scheduling, radix cache, sampling):
 
   - attention reads K/V straight from the pool through the req -> slot table: a Triton paged decode
-    kernel (`minisgl/engine/triton_attention.py`) and a Triton paged extend kernel that runs every
+    kernel (`minisgl/engine/cuda/triton_attention.py`) and a Triton paged extend kernel that runs every
     prompt chunk of a step in one launch, causal with each chunk's cached-prefix offset
-    (`minisgl/engine/triton_fused.py`);
+    (`minisgl/engine/cuda/triton_fused.py`);
   - fused Triton kernels between the matmuls (add+RMSNorm, silu*up, q/k norm + RoPE + the KV write),
     swapped into the model's modules at load;
   - decode tokens run in a CUDA graph of the whole forward, captured per batch size and padded up to
-    the next one (`minisgl/engine/cuda_graph.py`); a mixed step replays the graph for its decode
+    the next one (`minisgl/engine/cuda/graph.py`); a mixed step replays the graph for its decode
     tokens and runs its prefill chunks eagerly right after (their launches overlap the graph on the GPU);
   - overlap scheduling: step N+1 is scheduled and launched before step N's sampled tokens are read
     (see SGLEngine.step), one host sync per step;
   - each step's host-side indices go to the GPU in one pinned copy; sampling stays on the GPU.
-
-sgl_kernel is looked for and the kernel path is logged with the reason; no sgl_kernel path exists (its
-wheel pins another torch), so it is Triton either way. Options, through BackendConfig.extra:
-cuda_graph=0 turns the graphs off, cuda_graph_max_bs=N caps the largest captured batch (default
-min(max_running, 512)), fused=0 turns the fused Triton kernels off (torch ops between the matmuls),
-extend_kernel=0 runs prompt chunks through SDPA instead of the paged extend kernel, overlap=0 reads each
-step's tokens before scheduling the next. A server's workers read the same options from the environment
-as MINISGL_SGL_CUDA_GRAPH, MINISGL_SGL_FUSED, MINISGL_SGL_EXTEND_KERNEL, MINISGL_SGL_OVERLAP (A/B runs).
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from minisgl.backends.base import BackendConfig, EngineBackend, register_backend
-from minisgl.cache.kv_pool import free_memory_bytes, kv_bytes_per_token
-from minisgl.config import switched_off
-from minisgl.backends.base import StepOutput
-from minisgl.engine.engine import Engine, EngineConfig
+from minisgl.engine.config import EngineConfig
+from minisgl.engine.engine import Engine
+from minisgl.engine.output import StepOutput
 from minisgl.engine.request import Req, Status
 
 if TYPE_CHECKING:  # the CUDA / Triton modules are imported only once a GPU is known to be there
-    from minisgl.engine.cuda_graph import GraphStep
-    from minisgl.engine.triton_attention import SGLContext
+    from minisgl.engine.cuda.graph import GraphStep
+    from minisgl.engine.cuda.triton_attention import SGLContext
 
-log = logging.getLogger("minisgl.sgl_backend")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GRAPH_MAX_BS = 512
-
-
-# The KV pool takes the device's free memory after the weights, less a reserve for CUDA graphs, the
-# activations of an 8192-token prefill chunk and the allocator's slack.
-KV_RESERVE_BYTES = 6 * 2**30
-KV_RESERVE_FRACTION = 0.08
-
-
-def kv_tokens_for_device(device: torch.device, bytes_per_token: int) -> int:
-    free = free_memory_bytes(device)
-    return max(0, int(free - max(KV_RESERVE_BYTES, KV_RESERVE_FRACTION * free))) // bytes_per_token
-
-
-def option(config: BackendConfig, name: str, default: str) -> str:
-    """A backend option: BackendConfig.extra (in-process callers), else env MINISGL_SGL_<NAME> (a server's
-    workers, for A/B runs), else the default."""
-    return config.extra.get(name, os.environ.get(f"MINISGL_SGL_{name.upper()}", default))
-
-
-def kernel_path() -> tuple[str, str]:
-    """(which kernels, why) for the log line."""
-    try:
-        import sgl_kernel  # noqa: F401
-    except Exception as e:  # ImportError, or a CUDA/ABI mismatch raised at import
-        return "triton", f"sgl_kernel is not importable ({type(e).__name__}: {e})"
-    return "triton", "sgl_kernel imports, but this backend has no sgl_kernel path yet"
-
-
-def require_cuda(device: str) -> torch.device:
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        raise RuntimeError(f"the sgl backend runs on CUDA only, not on device {device!r}; "
-                           "use BACKEND_IMPL=torch for CPU/MPS")
-    if not torch.cuda.is_available():
-        raise RuntimeError("the sgl backend needs a CUDA GPU, and torch sees none "
-                           f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
-                           "use BACKEND_IMPL=torch on this machine")
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        raise RuntimeError(f"the sgl backend needs Triton ({e}); pip install triton") from e
-    return dev
-
-
-class _ModelCall:
-    """Stands in for the model in Engine._run (`self.model(ids, positions, ctx)`): replays a CUDA graph
-    for a decode-only step, else runs the model eagerly."""
-
-    def __init__(self, engine: SGLEngine) -> None:
-        self.engine = engine
-
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
-        return self.engine.forward(ids, positions, ctx)
 
 
 class SGLEngine(Engine):
@@ -110,12 +43,12 @@ class SGLEngine(Engine):
     def __init__(self, model: torch.nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
                  cuda_graph_max_bs: int = DEFAULT_GRAPH_MAX_BS, warm_kernels: bool = True, fused: bool = True,
                  extend_kernel: bool = True, overlap: bool = True) -> None:
-        from minisgl.engine.cuda_graph import DecodeGraphs
-        from minisgl.engine.triton_attention import decode_params
-        from minisgl.engine.triton_fused import install_fused
+        from minisgl.engine.cuda.graph import DecodeGraphs
+        from minisgl.engine.cuda.triton_attention import decode_params
+        from minisgl.engine.cuda.triton_fused import install_fused
 
         super().__init__(model, config, device, dtype)
-        # fused Triton kernels in the model's layers (engine/triton_fused.py); before any graph capture
+        # fused Triton kernels in the model's layers (engine/cuda/triton_fused.py); before any graph capture
         self.fused_modules = install_fused(model) if fused else 0
         self.extend_kernel = extend_kernel  # prompt chunks through the paged extend kernel, else SDPA
         # overlap scheduling: step N+1 is scheduled and launched before step N's tokens are read
@@ -124,8 +57,6 @@ class SGLEngine(Engine):
         self._unresolved: dict[str, int] = {}  # rid -> index in all_ids of its token still on the GPU
         # each table row's newest sampled token, on the device: the next decode's input id
         self.last_tok = torch.zeros(config.max_running, dtype=torch.int64, device=self.device)
-        self.lm = model
-        self.model = _ModelCall(self)  # type: ignore[assignment]
         self.step_kinds = {"graph": 0, "graph+eager": 0, "eager": 0}  # forwards run each way
         mc = model.config
         self.num_heads, self.num_kv_heads = mc.num_heads, mc.num_kv_heads
@@ -146,7 +77,7 @@ class SGLEngine(Engine):
     def _warm_kernels(self) -> None:
         """Compile the decode kernel for every split count an eager (mixed) step can use, so no Triton
         compile lands inside a timed run."""
-        from minisgl.engine.triton_attention import decode_attention
+        from minisgl.engine.cuda.triton_attention import decode_attention
 
         seen: dict[tuple[int, int], int] = {}
         for b in range(1, self.config.max_running + 1):
@@ -219,7 +150,7 @@ class SGLEngine(Engine):
         t0 = time.perf_counter() if self.config.narrate else 0.0
         ids, positions, ctx, sample_reqs = self._build_batch(decode, decode_slots, chunks)
         if decode:  # decode input ids from the device: some are still placeholders on the host
-            from minisgl.engine.cuda_graph import GraphStep
+            from minisgl.engine.cuda.graph import GraphStep
 
             # (a request with one prompt token left also decodes: its input is known on the host)
             ph = [i for i, r in enumerate(decode) if r.all_ids[-1] == PLACEHOLDER]
@@ -236,7 +167,7 @@ class SGLEngine(Engine):
                 else:
                     idx = torch.tensor(ph, dtype=torch.int64, pin_memory=self._pin).to(self.device, non_blocking=True)
                     dst[idx] = self.last_tok[rows_t[idx]]
-        logits = self.model(ids, positions, ctx)
+        logits = self.forward(ids, positions, ctx)
         for r in decode:
             r.kv_len += 1
         for c in chunks:
@@ -301,8 +232,10 @@ class SGLEngine(Engine):
                 r.all_ids.pop()  # never delivered; the KV of every real token is written or in flight
         super().abort(rid)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
-        from minisgl.engine.cuda_graph import GraphStep
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:  # noqa: ANN001
+        """Engine.forward, chosen by the step's context: a decode-only step replays its CUDA graph, a
+        mixed one replays the graph and runs the prefill chunks eagerly, anything else runs eagerly."""
+        from minisgl.engine.cuda.graph import GraphStep
 
         if isinstance(ctx, GraphStep):
             assert self.graphs is not None
@@ -312,10 +245,10 @@ class SGLEngine(Engine):
             assert self.graphs is not None
             self.step_kinds["graph+eager"] += 1
             decode_logits = self.graphs.replay(ctx.decode)  # queued; the GPU runs it while we launch the rest
-            prefill_logits = self.lm(ids, positions, ctx.prefill)
+            prefill_logits = self.model(ids, positions, ctx.prefill)
             return torch.cat([decode_logits, prefill_logits])
         self.step_kinds["eager"] += 1
-        return self.lm(ids, positions, ctx)
+        return self.model(ids, positions, ctx)
 
     def _build_batch(self, decode, decode_slots, chunks):  # type: ignore[override]
         """As Engine._build_batch (tokens laid out [decode | chunk 1 | chunk 2 ...]), but the decode
@@ -335,8 +268,8 @@ class SGLEngine(Engine):
         return self._eager_batch(decode, decode_slots, chunks)
 
     def _eager_batch(self, decode, decode_slots, chunks):
-        from minisgl.engine.triton_attention import Segment, SGLContext, prefix_mask
-        from minisgl.engine.triton_fused import extend_meta
+        from minisgl.engine.cuda.triton_attention import Segment, SGLContext, prefix_mask
+        from minisgl.engine.cuda.triton_fused import extend_meta
 
         dev = self.device
         b = len(decode)
@@ -345,26 +278,12 @@ class SGLEngine(Engine):
         rows = [r.row for r in decode]
         positions = list(pos)
         logits_idx = list(range(b))
-        prompt_idx: list[int] = []  # echo rows, after every sampled row (Engine._run splits them off)
         sample_reqs = list(decode)
-        write = [decode_slots] if b else []
-        specs = []
-        start = b
-        for c in chunks:
-            r, k0 = c.req, c.req.kv_len
-            ids.extend(r.all_ids[k0:k0 + c.n])
-            positions.extend(range(k0, k0 + c.n))
-            self.table[r.row, k0:k0 + c.n] = c.slots
-            write.append(c.slots)
-            specs.append((start, c.n, r.row, k0))
-            if r.scores_prompt:
-                prompt_idx += self._prompt_rows_of(r, start, k0, c.n)
-            start += c.n
-            if k0 + c.n == len(r.all_ids) and not r.warmup:  # prompt complete: sample from its last token
-                logits_idx.append(start - 1)
-                sample_reqs.append(r)
-        logits_idx += prompt_idx
-        total, eb = start, _even(b)
+        specs = self._lay_out_chunks(chunks, b, ids, logits_idx, sample_reqs)
+        write = ([decode_slots] if b else []) + [c.slots for c in chunks]
+        for _, n, _, k0 in specs:
+            positions.extend(range(k0, k0 + n))
+        total, eb = b + sum(c.n for c in chunks), _even(b)
         meta: list[int] = []
         blocks = segs = 0
         if specs and self.extend_kernel:
@@ -419,54 +338,3 @@ class SplitStep:
 
 def _even(n: int) -> int:
     return n + (n & 1)
-
-
-@register_backend("sgl")
-class SGLBackend(EngineBackend):
-    def __init__(self, config: BackendConfig) -> None:
-        super().__init__(config)
-        device = require_cuda(config.device)
-        if device.index is not None:
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if config.dtype != "auto" and config.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {config.dtype!r}; choose auto or one of {sorted(DTYPES)}")
-        kernels, why = kernel_path()
-        log.info("sgl backend kernels: %s, because %s", kernels, why)
-        from minisgl.models.loader import load_model
-
-        model = load_model(config.model_path, device, DTYPES.get(config.dtype), config.load_format, seed=config.seed)
-        self.model = model
-        mc = model.config
-        dtype = next(model.parameters()).dtype
-        self.dtype = dtype
-        max_len = config.max_model_len or mc.max_position_embeddings
-        per_token = kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
-        kv_tokens = config.kv_cache_tokens or min(kv_tokens_for_device(device, per_token), config.max_running * max_len)
-        if kv_tokens < 256:
-            raise RuntimeError(f"not enough free GPU memory for a KV cache ({kv_tokens} tokens); "
-                               "set kv_cache_tokens or free some memory")
-        graphs_on = not switched_off(option(config, "cuda_graph", "1"))
-        max_bs = int(option(config, "cuda_graph_max_bs", str(DEFAULT_GRAPH_MAX_BS))) if graphs_on else 0
-        fused = not switched_off(option(config, "fused", "1"))
-        extend = not switched_off(option(config, "extend_kernel", "1"))
-        overlap = not switched_off(option(config, "overlap", "1"))
-        self.engine = SGLEngine(model, EngineConfig(
-            num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-            kv_tokens=kv_tokens, max_context_len=max_len, max_running=config.max_running,
-            chunk_size=config.chunk_size, narrate=config.narrate, seed=config.seed), device, dtype, max_bs,
-            fused=fused, extend_kernel=extend, overlap=overlap)
-        g = self.engine.graphs
-        log.info("sgl backend: %s on %s (%s, %s), KV pool %d tokens (%.2f GiB%s), context %d, max running %d, "
-                 "chunk %d, fused kernels %s, extend kernel %s, overlap %s, decode graphs %s",
-                 mc.architecture, device, torch.cuda.get_device_name(device), dtype, kv_tokens,
-                 self.engine.pool.nbytes() / 2**30, "" if config.kv_cache_tokens else ", from free memory",
-                 self.engine.max_context_len, config.max_running, config.chunk_size,
-                 f"on ({self.engine.fused_modules} modules)" if fused else "off", "on" if extend else "off",
-                 "on" if overlap else "off",
-                 f"up to batch {g.max_bs} ({len(g.sizes)} sizes, {g.capture_s:.1f}s)" if g else "off")
-
-    def shutdown(self) -> None:
-        self.engine.graphs = None
-        torch.cuda.synchronize()

@@ -91,7 +91,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        from minisgl.engine.triton_attention import SGLContext, decode_params
+        from minisgl.engine.cuda.triton_attention import SGLContext, decode_params
 
         t0 = time.perf_counter()
         mempool = None

@@ -267,7 +267,7 @@ class SGLContext:
                             v_pool.index_select(0, self.write_slots))
 
     def _attend_in_pool(self, k_pool: torch.Tensor, v_pool: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        from minisgl.engine.triton_fused import extend_attention
+        from minisgl.engine.cuda.triton_fused import extend_attention
 
         assert self.extend is not None
         out = torch.empty_like(q)
