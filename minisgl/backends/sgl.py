@@ -7,7 +7,8 @@ What differs from the `torch` backend (same scheduling, radix cache, sampling):
     prompt chunk of a step in one launch, causal with each chunk's cached-prefix offset
     (`minisgl/engine/triton_fused.py`);
   - fused Triton kernels between the matmuls (add+RMSNorm, silu*up, q/k norm + RoPE + the KV write),
-    swapped into the model's modules at load;
+    swapped into the model's modules at load; at batch 1 the matmuls themselves are Triton GEMVs with the
+    norms and silu*up folded in (`minisgl/engine/triton_gemv.py`);
   - decode tokens run in a CUDA graph of the whole forward, captured per batch size and padded up to
     the next one (`minisgl/engine/cuda_graph.py`); a mixed step replays the graph for its decode
     tokens and runs its prefill chunks eagerly right after (their launches overlap the graph on the GPU);
@@ -19,9 +20,11 @@ sgl_kernel is looked for and the kernel path is logged with the reason; no sgl_k
 wheel pins another torch), so it is Triton either way. Options, through BackendConfig.extra:
 cuda_graph=0 turns the graphs off, cuda_graph_max_bs=N caps the largest captured batch (default
 min(max_running, 512)), fused=0 turns the fused Triton kernels off (torch ops between the matmuls),
+gemv=0 keeps cuBLAS for the batch-1 decode step (else Triton GEMVs with the norms and silu*up folded in),
 extend_kernel=0 runs prompt chunks through SDPA instead of the paged extend kernel, overlap=0 reads each
 step's tokens before scheduling the next. A server's workers read the same options from the environment
-as MINISGL_SGL_CUDA_GRAPH, MINISGL_SGL_FUSED, MINISGL_SGL_EXTEND_KERNEL, MINISGL_SGL_OVERLAP (A/B runs).
+as MINISGL_SGL_CUDA_GRAPH, MINISGL_SGL_FUSED, MINISGL_SGL_GEMV, MINISGL_SGL_EXTEND_KERNEL,
+MINISGL_SGL_OVERLAP (A/B runs).
 """
 
 from __future__ import annotations
@@ -109,14 +112,14 @@ class SGLEngine(Engine):
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
                  cuda_graph_max_bs: int = DEFAULT_GRAPH_MAX_BS, warm_kernels: bool = True, fused: bool = True,
-                 extend_kernel: bool = True, overlap: bool = True) -> None:
+                 extend_kernel: bool = True, overlap: bool = True, gemv: bool = True) -> None:
         from minisgl.engine.cuda_graph import DecodeGraphs
         from minisgl.engine.triton_attention import decode_params
         from minisgl.engine.triton_fused import install_fused
 
         super().__init__(model, config, device, dtype)
         # fused Triton kernels in the model's layers (engine/triton_fused.py); before any graph capture
-        self.fused_modules = install_fused(model) if fused else 0
+        self.fused_modules = install_fused(model, gemv=gemv) if fused else 0
         self.extend_kernel = extend_kernel  # prompt chunks through the paged extend kernel, else SDPA
         # overlap scheduling: step N+1 is scheduled and launched before step N's tokens are read
         self.overlap = overlap
@@ -452,18 +455,20 @@ class SGLBackend(EngineBackend):
         fused = not switched_off(option(config, "fused", "1"))
         extend = not switched_off(option(config, "extend_kernel", "1"))
         overlap = not switched_off(option(config, "overlap", "1"))
+        gemv = not switched_off(option(config, "gemv", "1"))
         self.engine = SGLEngine(model, EngineConfig(
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             kv_tokens=kv_tokens, max_context_len=max_len, max_running=config.max_running,
             chunk_size=config.chunk_size, narrate=config.narrate, seed=config.seed), device, dtype, max_bs,
-            fused=fused, extend_kernel=extend, overlap=overlap)
+            fused=fused, extend_kernel=extend, overlap=overlap, gemv=gemv)
         g = self.engine.graphs
         log.info("sgl backend: %s on %s (%s, %s), KV pool %d tokens (%.2f GiB%s), context %d, max running %d, "
                  "chunk %d, fused kernels %s, extend kernel %s, overlap %s, decode graphs %s",
                  mc.architecture, device, torch.cuda.get_device_name(device), dtype, kv_tokens,
                  self.engine.pool.nbytes() / 2**30, "" if config.kv_cache_tokens else ", from free memory",
                  self.engine.max_context_len, config.max_running, config.chunk_size,
-                 f"on ({self.engine.fused_modules} modules)" if fused else "off", "on" if extend else "off",
+                 f"on ({self.engine.fused_modules} modules{', batch-1 GEMVs' if gemv else ''})" if fused else "off",
+                 "on" if extend else "off",
                  "on" if overlap else "off",
                  f"up to batch {g.max_bs} ({len(g.sizes)} sizes, {g.capture_s:.1f}s)" if g else "off")
 
