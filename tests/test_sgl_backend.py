@@ -274,6 +274,85 @@ def test_fused_norms_and_silu_match_torch(dtype) -> None:
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pro", ["plain", "norm", "norm+res", "silu"])
+def test_batch1_gemv_matches_torch(dtype, pro) -> None:
+    """The batch-1 GEMV (engine/cuda/triton_gemv.py) with each prologue == the torch ops it replaces, at sizes
+    that leave partial tiles in N and K (and a bias)."""
+    from minisgl.engine.cuda.triton_gemv import PRO_NORM, PRO_PLAIN, PRO_SILU, gemv, gemv_reference
+
+    gen = torch.Generator().manual_seed(11)
+    n, k = 37, 200
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=gen).to(DEVICE, dtype)
+    kw: dict = {}
+    x = torch.randn(1, 2 * k if pro == "silu" else k, generator=gen).to(DEVICE, dtype)
+    if pro.startswith("norm"):
+        kw = dict(pro=PRO_NORM, norm_weight=(torch.rand(k, generator=gen) + 0.5).to(DEVICE, dtype), eps=1e-6)
+        if pro == "norm+res":
+            kw["residual"] = torch.randn(1, k, generator=gen).to(DEVICE, dtype)
+    elif pro == "silu":
+        kw = dict(pro=PRO_SILU)
+    else:
+        kw = dict(pro=PRO_PLAIN)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=2 ** -6)
+    for config in ((8, 128, 4), (4, 64, 2), (4, 256, 4), None):  # partial tiles: 37 outputs, 200 inputs;
+        # (4, 256, 4) and the default take a norm in one pass over K
+        y, res = gemv(x, w, bias, config=config, **kw)
+        want, want_res = gemv_reference(x, w, bias, **kw)
+        torch.testing.assert_close(y.float(), want.float(), **tol)
+        if pro == "norm+res":
+            torch.testing.assert_close(res.float(), want_res.float(), rtol=0 if dtype == torch.float32 else 2 ** -7, atol=0)
+        else:
+            assert res is None
+
+
+@needs_triton
+def test_batch1_gemv_layer_path_matches_torch_engine(tmp_path, monkeypatch) -> None:
+    """One request alone decodes through FusedDecoderLayer's batch-1 GEMVs (every decode step has one
+    token): the same greedy tokens as the torch engine and as the sgl engine with gemv off."""
+    transformers = pytest.importorskip("transformers")
+    from minisgl.engine.cuda.engine import SGLEngine
+    from minisgl.engine.engine import Engine, EngineConfig
+    from minisgl.engine.cuda import triton_gemv
+    from minisgl.engine.cuda.triton_fused import FusedDecoderLayer
+    from minisgl.messages import SamplingParams, TokenizedReq
+    from minisgl.models import load_model
+
+    calls = []
+    real = triton_gemv.gemv
+    monkeypatch.setattr(triton_gemv, "gemv", lambda *a, **k: calls.append(k.get("pro", 0)) or real(*a, **k))
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(**TINY_QWEN3)
+    cfg.architectures = ["Qwen3ForCausalLM"]
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    ecfg = EngineConfig(num_layers=2, num_kv_heads=2, head_dim=16, kv_tokens=64, max_context_len=64, max_running=2,
+                        chunk_size=16)
+    prompt = torch.randint(0, 512, (21,), generator=torch.Generator().manual_seed(3)).tolist()
+
+    def run(engine) -> list[int]:
+        engine.add_request(TokenizedReq(rid="a", input_ids=prompt, arrival=0.0,
+                                        params=SamplingParams(max_new_tokens=12, ignore_eos=True)))
+        out: list[int] = []
+        while engine.has_work():
+            for item in engine.step().outputs:
+                out.extend(item.token_ids)
+        return out
+
+    want = run(Engine(load_model(tmp_path, device=DEVICE, dtype=torch.float32), ecfg, torch.device(DEVICE), torch.float32))
+    for gemv in (True, False):
+        model = load_model(tmp_path, device=DEVICE, dtype=torch.float32)
+        sgl = SGLEngine(model, ecfg, torch.device(DEVICE), torch.float32, cuda_graph_max_bs=0, warm_kernels=False,
+                        gemv=gemv)
+        assert all(isinstance(layer, FusedDecoderLayer) == gemv for layer in model.model.layers)
+        calls.clear()
+        assert run(sgl) == want, f"gemv={gemv}"
+        # 11 one-token decode steps x 2 layers x 4 GEMVs (norm+qkv, o, norm+gate_up, silu+down)
+        assert len(calls) == (11 * 2 * 4 if gemv else 0)
+        assert len(want) == 12
+
+
+@needs_triton
 @pytest.mark.parametrize("qk_norm", [True, False])
 def test_qk_norm_rope_store_matches_torch(qk_norm) -> None:
     """q/k norms, RoPE and the KV write in one kernel == the model's project_heads + index_copy."""

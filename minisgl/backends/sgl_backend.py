@@ -6,9 +6,11 @@ sgl_kernel is looked for and the kernel path is logged with the reason; no sgl_k
 wheel pins another torch), so it is Triton either way. Options, through BackendConfig.extra:
 cuda_graph=0 turns the graphs off, cuda_graph_max_bs=N caps the largest captured batch (default
 min(max_running, 512)), fused=0 turns the fused Triton kernels off (torch ops between the matmuls),
+gemv=0 keeps cuBLAS for the batch-1 decode step (else Triton GEMVs with the norms and silu*up folded in),
 extend_kernel=0 runs prompt chunks through SDPA instead of the paged extend kernel, overlap=0 reads each
 step's tokens before scheduling the next. A server's workers read the same options from the environment
-as MINISGL_SGL_CUDA_GRAPH, MINISGL_SGL_FUSED, MINISGL_SGL_EXTEND_KERNEL, MINISGL_SGL_OVERLAP (A/B runs).
+as MINISGL_SGL_CUDA_GRAPH, MINISGL_SGL_FUSED, MINISGL_SGL_GEMV, MINISGL_SGL_EXTEND_KERNEL,
+MINISGL_SGL_OVERLAP (A/B runs).
 """
 
 from __future__ import annotations
@@ -93,14 +95,17 @@ class SGLBackend(EngineBackend):
         fused = not switched_off(option(config, "fused", "1"))
         extend = not switched_off(option(config, "extend_kernel", "1"))
         overlap = not switched_off(option(config, "overlap", "1"))
-        self.engine = SGLEngine(model, ecfg, device, dtype, max_bs, fused=fused, extend_kernel=extend, overlap=overlap)
+        gemv = not switched_off(option(config, "gemv", "1"))
+        self.engine = SGLEngine(model, ecfg, device, dtype, max_bs, fused=fused, extend_kernel=extend, overlap=overlap,
+                                gemv=gemv)
         g = self.engine.graphs
         log.info("sgl backend: %s on %s (%s, %s), KV pool %d tokens (%.2f GiB%s), context %d, max running %d, "
                  "chunk %d, fused kernels %s, extend kernel %s, overlap %s, decode graphs %s",
                  mc.architecture, device, torch.cuda.get_device_name(device), dtype, kv_tokens,
                  self.engine.pool.nbytes() / 2**30, "" if config.kv_cache_tokens else ", from free memory",
                  self.engine.max_context_len, config.max_running, config.chunk_size,
-                 f"on ({self.engine.fused_modules} modules)" if fused else "off", "on" if extend else "off",
+                 f"on ({self.engine.fused_modules} modules{', batch-1 GEMVs' if gemv else ''})" if fused else "off",
+                 "on" if extend else "off",
                  "on" if overlap else "off",
                  f"up to batch {g.max_bs} ({len(g.sizes)} sizes, {g.capture_s:.1f}s)" if g else "off")
 

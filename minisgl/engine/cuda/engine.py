@@ -8,7 +8,8 @@ What differs from the portable Engine (same scheduling, radix cache, sampling):
     prompt chunk of a step in one launch, causal with each chunk's cached-prefix offset
     (`minisgl/engine/cuda/triton_fused.py`);
   - fused Triton kernels between the matmuls (add+RMSNorm, silu*up, q/k norm + RoPE + the KV write),
-    swapped into the model's modules at load;
+    swapped into the model's modules at load; at batch 1 the matmuls themselves are Triton GEMVs with the
+    norms and silu*up folded in (`minisgl/engine/cuda/triton_gemv.py`);
   - decode tokens run in a CUDA graph of the whole forward, captured per batch size and padded up to
     the next one (`minisgl/engine/cuda/graph.py`); a mixed step replays the graph for its decode
     tokens and runs its prefill chunks eagerly right after (their launches overlap the graph on the GPU);
@@ -42,14 +43,14 @@ class SGLEngine(Engine):
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
                  cuda_graph_max_bs: int = DEFAULT_GRAPH_MAX_BS, warm_kernels: bool = True, fused: bool = True,
-                 extend_kernel: bool = True, overlap: bool = True) -> None:
+                 extend_kernel: bool = True, overlap: bool = True, gemv: bool = True) -> None:
         from minisgl.engine.cuda.graph import DecodeGraphs
         from minisgl.engine.cuda.triton_attention import decode_params
         from minisgl.engine.cuda.triton_fused import install_fused
 
         super().__init__(model, config, device, dtype)
         # fused Triton kernels in the model's layers (engine/cuda/triton_fused.py); before any graph capture
-        self.fused_modules = install_fused(model) if fused else 0
+        self.fused_modules = install_fused(model, gemv=gemv) if fused else 0
         self.extend_kernel = extend_kernel  # prompt chunks through the paged extend kernel, else SDPA
         # overlap scheduling: step N+1 is scheduled and launched before step N's tokens are read
         self.overlap = overlap

@@ -293,13 +293,16 @@ class FusedSiluMLP(SiluMLP):
         return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
-def install_fused(model: torch.nn.Module) -> int:
-    """Swap the model's RMSNorm / SiluMLP / Attention modules for the fused subclasses (same parameters,
-    same state dict). Returns how many modules changed. The attention's fused path runs only under the
-    sgl context (it writes the pool itself); any other context gets the plain forward."""
-    from minisgl.models.decoder import Attention
+def install_fused(model: torch.nn.Module, gemv: bool = True) -> int:
+    """Swap the model's RMSNorm / SiluMLP / Attention modules (and with `gemv`, its decoder layers: the
+    batch-1 GEMV path of triton_gemv.py) for the fused subclasses (same parameters, same state dict).
+    Returns how many modules changed. The fused attention and layer paths run only under the sgl context
+    (they write the pool themselves); any other context gets the plain forward."""
+    from minisgl.models.decoder import Attention, DecoderLayer
 
     swaps = {RMSNorm: FusedRMSNorm, SiluMLP: FusedSiluMLP, Attention: FusedAttention}
+    if gemv:
+        swaps[DecoderLayer] = FusedDecoderLayer
     n = 0
     for module in model.modules():
         new = swaps.get(type(module))
@@ -309,26 +312,56 @@ def install_fused(model: torch.nn.Module) -> int:
     return n
 
 
-def _fused_attention_class():
-    from minisgl.models.decoder import Attention
+def _fused_classes():
+    from torch import nn
+
+    from minisgl.engine.cuda import triton_gemv as tg
+    from minisgl.engine.cuda.triton_gemv import PRO_NORM, PRO_SILU
+    from minisgl.models.decoder import Attention, DecoderLayer
 
     class _FusedAttention(Attention):
         def forward(self, x, cos, sin, ctx):  # type: ignore[override]
-            stored = getattr(ctx, "attention_stored", None)
-            if stored is None:
+            if getattr(ctx, "attention_stored", None) is None:
                 return super().forward(x, cos, sin, ctx)
-            qkv = self.qkv_proj(x)
+            out = self.attend(self.qkv_proj(x), cos, sin, ctx)
+            return self.o_proj(out.reshape(x.shape[0], self.q_size))
+
+        def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
+            """q/k norms + RoPE + the K/V write in one kernel, then attention over the pool: [T, H, D]."""
             pool = ctx.pool
             q = qk_norm_rope_store(
                 qkv, cos, sin, None if self.q_norm is None else self.q_norm.weight,
                 None if self.k_norm is None else self.k_norm.weight,
                 self.q_norm.eps if self.q_norm is not None else 0.0, pool.k[self.layer_idx], pool.v[self.layer_idx],
                 ctx.write_slots, self.num_heads, self.num_kv_heads, self.head_dim)
-            out = stored(self.layer_idx, q)
-            return self.o_proj(out.reshape(q.shape[0], self.q_size))
+            return ctx.attention_stored(self.layer_idx, q)
 
-    _FusedAttention.__name__ = _FusedAttention.__qualname__ = "FusedAttention"
-    return _FusedAttention
+    def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # a communicating layer (TP's RowParallelLinear) keeps its own forward: it all-reduces
+        return tg.gemv(x, module.weight, module.bias)[0] if type(module) is nn.Linear else module(x)
+
+    class _FusedDecoderLayer(DecoderLayer):
+        """A one-token step (batch-1 decode) as 7 launches: norm+qkv GEMV, q/k norm+RoPE+KV write, the
+        two attention kernels, o GEMV, norm+gate_up GEMV, silu*up+down GEMV (triton_gemv.py)."""
+
+        def forward(self, x, residual, cos, sin, ctx):  # type: ignore[override]
+            if x.shape[0] != 1 or getattr(ctx, "attention_stored", None) is None:
+                return super().forward(x, residual, cos, sin, ctx)
+            attn, mlp = self.self_attn, self.mlp
+            ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+            qkv, res = tg.gemv(x, attn.qkv_proj.weight, attn.qkv_proj.bias, pro=PRO_NORM, residual=residual,
+                            norm_weight=ln1.weight, eps=ln1.eps)
+            residual = x if res is None else res  # the first layer: the embedding is the residual
+            h = linear(attn.o_proj, attn.attend(qkv, cos, sin, ctx).reshape(1, attn.q_size))
+            gate_up, residual = tg.gemv(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, pro=PRO_NORM,
+                                     residual=residual, norm_weight=ln2.weight, eps=ln2.eps)
+            if type(mlp.down_proj) is nn.Linear:
+                return tg.gemv(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, pro=PRO_SILU)[0], residual
+            return mlp.down_proj(silu_mul(gate_up)), residual
+
+    for cls, name in ((_FusedAttention, "FusedAttention"), (_FusedDecoderLayer, "FusedDecoderLayer")):
+        cls.__name__ = cls.__qualname__ = name
+    return _FusedAttention, _FusedDecoderLayer
 
 
-FusedAttention = _fused_attention_class()
+FusedAttention, FusedDecoderLayer = _fused_classes()
