@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+from collections.abc import Iterator
+
 import msgspec
 import zmq
 
@@ -36,6 +38,16 @@ def connect_push(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
 
 
 _encoder = msgspec.msgpack.Encoder()
+
+
+def drain(sock: zmq.Socket, multipart: bool = False) -> Iterator:
+    """Every message already waiting on sock, without blocking: each loop takes in all that arrived, then
+    acts once (one Dispatch per worker per pass, one engine step per batch of messages)."""
+    while True:
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK) if multipart else sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
 
 
 def send(sock: zmq.Socket, msg: msgspec.Struct) -> None:

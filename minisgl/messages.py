@@ -189,6 +189,16 @@ class LoadStats(Struct, kw_only=True):
     prompt_tokens_total: int = 0
 
 
+class CacheExtension(Struct, array_like=True):
+    """A running request's prompt cached further, chunk by chunk: `tokens` follow the first `start`
+    tokens this worker already reported for `rid`, so a long prompt costs its length in messages, not
+    the square of it."""
+
+    rid: str
+    start: int
+    tokens: list[int]
+
+
 class WorkerStatus(Struct, tag="worker_status", kw_only=True, omit_defaults=True):
     """Sent after every engine step in which something the scheduler cares about changed."""
 
@@ -197,6 +207,7 @@ class WorkerStatus(Struct, tag="worker_status", kw_only=True, omit_defaults=True
     load: LoadStats = field(default_factory=LoadStats)
     cache_inserted: list[list[int]] = []  # token sequences now cached (full prefixes from the root)
     cache_evicted: list[list[int]] = []  # token sequences evicted (full prefixes from the root)
+    cache_extended: list[CacheExtension] = []  # applied after the two above
     cache_flushed: bool = False
     # rids of a Dispatch the worker has taken in (sent at once, before any step): a request the
     # scheduler dispatched but never saw accepted cannot have run when the worker dies, so it is re-queued

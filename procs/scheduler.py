@@ -104,11 +104,7 @@ class SchedulerProcess:
         while True:
             events = dict(self.poller.poll(timeout=100))
             if self.pull in events:
-                while True:  # drain everything waiting, then dispatch once: one Dispatch per worker per pass
-                    try:
-                        data = self.pull.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
+                for data in ipc.drain(self.pull):  # everything waiting, then one dispatch pass
                     msg = self.decoder.decode(data)
                     if msg is None:
                         continue
@@ -169,11 +165,7 @@ class SchedulerProcess:
 
     def handle_control(self) -> None:
         assert self.control is not None
-        while True:
-            try:
-                frames = self.control.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in ipc.drain(self.control, multipart=True):
             envelope, payload = frames[:-1], frames[-1]
             try:
                 reply = self.control_command(self.control_decoder.decode(payload))

@@ -76,6 +76,7 @@ def warm_prefixes(backend: Backend, model_path: str, prefixes: list[str], pendin
         out = backend.step()
         pending.cache_inserted += out.cache_inserted
         pending.cache_evicted += out.cache_evicted
+        pending.cache_extended += out.cache_extended
     log.info("warmed %d prefix(es)", len(prefixes))
 
 
@@ -111,7 +112,8 @@ class WorkerLoop:
     def send_status(self, out: StepOutput, flushed: bool = False, accepted: list[str] | None = None) -> None:
         ipc.send(self.to_scheduler, WorkerStatus(
             worker_id=self.worker_id, finished=out.finished, load=self.backend.stats(),
-            cache_inserted=out.cache_inserted, cache_evicted=out.cache_evicted, cache_flushed=flushed,
+            cache_inserted=out.cache_inserted, cache_evicted=out.cache_evicted, cache_extended=out.cache_extended,
+            cache_flushed=flushed,
             accepted=accepted or [],
         ))
         self.last_status = time.monotonic()
@@ -131,11 +133,7 @@ class WorkerLoop:
             timeout = 0 if self.backend.has_work() else 100
             received: list[bytes] = []
             if self.pull.poll(timeout):
-                while True:
-                    try:
-                        received.append(self.pull.recv(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+                received.extend(ipc.drain(self.pull))
             if self.sync is not None and self.sync.due(received, self.backend):
                 self.sync.share(received, self.backend)
             for data in received:
@@ -153,7 +151,7 @@ class WorkerLoop:
             # Status first: the scheduler must count a request as finished before its client can
             # see the end of it and send the next one (else that one is dispatched against a stale
             # load, e.g. cache_aware sends it away from an idle worker).
-            if out.finished or out.cache_inserted or out.cache_evicted or \
+            if out.finished or out.cache_changed or \
                     time.monotonic() - self.last_status > STATUS_INTERVAL_S:
                 self.send_status(out)
             if out.outputs:

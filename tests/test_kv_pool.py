@@ -75,13 +75,13 @@ def test_kv_cache_alloc_evicts_unlocked_prefixes() -> None:
     got = cache.alloc(5)  # evicts [4,5,6], keeps the locked [1,2,3]
     assert got is not None and cache.pool.free_count == 0
     assert cache.alloc(1) is None
-    ins, ev = cache.drain_logs()
+    ins, ev, _ = cache.drain_logs()
     assert ev == [[4, 5, 6]]
     assert ins == [[1, 2, 3]]  # [4,5,6] was evicted after its insertion: not reported as cached
     cache.unlock(node)
     cache.pool.free(got)
     cache.flush()
-    assert cache.pool.free_count == 8 and cache.drain_logs() == ([], [])  # a flush is not logged
+    assert cache.pool.free_count == 8 and cache.drain_logs() == ([], [], [])  # a flush is not logged
 
 
 def test_kv_cache_log_keeps_an_insert_that_follows_an_eviction() -> None:
@@ -93,7 +93,7 @@ def test_kv_cache_log_keeps_an_insert_that_follows_an_eviction() -> None:
     t = cache.alloc(2)  # evicts [1,2,3,4]
     assert t is not None
     cache.cache([1, 2], t, 0, cache.tree.root)  # then caches [1,2] again
-    assert cache.drain_logs() == ([[1, 2]], [[1, 2, 3, 4]])
+    assert cache.drain_logs() == ([[1, 2]], [[1, 2, 3, 4]], [])
 
 
 def test_kv_cache_frees_duplicate_slots() -> None:

@@ -313,7 +313,7 @@ def test_batch1_gemv_layer_path_matches_torch_engine(tmp_path, monkeypatch) -> N
     token): the same greedy tokens as the torch engine and as the sgl engine with gemv off."""
     transformers = pytest.importorskip("transformers")
     from minisgl.engine.cuda.engine import SGLEngine
-    from minisgl.engine.engine import Engine, EngineConfig
+    from minisgl.engine import Engine, EngineConfig
     from minisgl.engine.cuda import triton_gemv
     from minisgl.engine.cuda.triton_fused import FusedDecoderLayer
     from minisgl.messages import SamplingParams, TokenizedReq
@@ -326,7 +326,7 @@ def test_batch1_gemv_layer_path_matches_torch_engine(tmp_path, monkeypatch) -> N
     cfg = transformers.Qwen3Config(**TINY_QWEN3)
     cfg.architectures = ["Qwen3ForCausalLM"]
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
-    ecfg = EngineConfig(num_layers=2, num_kv_heads=2, head_dim=16, kv_tokens=64, max_context_len=64, max_running=2,
+    ecfg = EngineConfig(num_layers=2, num_kv_heads=2, head_dim=16, kv_tokens=64, max_model_len=64, max_running=2,
                         chunk_size=16)
     prompt = torch.randint(0, 512, (21,), generator=torch.Generator().manual_seed(3)).tolist()
 

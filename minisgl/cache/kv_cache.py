@@ -3,8 +3,9 @@
 Slot ownership: every allocated slot belongs either to exactly one running request (tokens it computed
 that are not in the tree yet) or to the tree (cached prefixes; the requests that use them hold a lock).
 `available` = free slots + cached slots that no request locks; `alloc` evicts cached prefixes (LRU)
-when the free list is short. Every insertion and eviction is logged as a full token sequence from the
-root, so the worker can tell the scheduler's index.
+when the free list is short. Every insertion and eviction is logged, so the worker can tell the
+scheduler's index: evictions and anonymous insertions as full token sequences from the root, a running
+request's chunk-by-chunk insertions as extensions of what was already reported for it (drain_logs).
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import torch
 
 from minisgl.cache.kv_pool import KVPool
 from minisgl.cache.radix import RadixNode, RadixTree
+from minisgl.messages import CacheExtension
 
 
 class KVCache:
     def __init__(self, pool: KVPool) -> None:
         self.pool = pool
         self.tree = RadixTree()
-        self._log: list[tuple[bool, list[int]]] = []  # (inserted?, tokens), drained once per step
+        self._log: list[tuple[bool, list[int], str]] = []  # (inserted?, tokens, key), drained once per step
+        self._reported: dict[str, int] = {}  # key (a request id) -> its tokens reported as inserted so far
+        self._forgotten: list[str] = []  # keys whose request is gone, dropped once this step's log is out
 
     @property
     def available(self) -> int:
@@ -32,7 +36,7 @@ class KVCache:
                 return None
             for ev in self.tree.evict(short):
                 self.pool.free(ev.value)
-                self._log.append((False, ev.tokens))
+                self._log.append((False, ev.tokens, ""))
         return self.pool.alloc(n)
 
     def match(self, tokens: list[int]) -> tuple[int, RadixNode, torch.Tensor]:
@@ -45,15 +49,16 @@ class KVCache:
     def unlock(self, node: RadixNode) -> None:
         self.tree.unlock(node)
 
-    def cache(self, tokens: list[int], slots: torch.Tensor, locked_len: int, node: RadixNode) -> int:
+    def cache(self, tokens: list[int], slots: torch.Tensor, locked_len: int, node: RadixNode, key: str = "") -> int:
         """Hand a request's computed tokens (with their slots) to the tree and drop its lock on `node`
         (which covers its first locked_len tokens). Slots of tokens the tree already had are freed.
-        Returns how many tokens were already cached."""
+        `key` (the request id) lets the log report only what is new since its last insertion. Returns
+        how many tokens were already cached."""
         existing = self.tree.insert(tokens, slots)
         if existing > locked_len:  # computed twice (another request cached them first): free ours
             self.pool.free(slots[locked_len:existing])
         if existing < len(tokens):
-            self._log.append((True, list(tokens)))
+            self._log.append((True, list(tokens), key))
         self.tree.unlock(node)
         return existing
 
@@ -62,15 +67,33 @@ class KVCache:
         for ev in self.tree.flush():
             self.pool.free(ev.value)
 
-    def drain_logs(self) -> tuple[list[list[int]], list[list[int]]]:
-        """(inserted, evicted) since the last call, as full sequences from the root. A reader applies the
-        evictions first, so an insertion cut short by a later eviction in the same step is left out
-        (the reader would otherwise believe it still fully cached)."""
+    def forget(self, key: str) -> None:
+        """The request behind `key` is gone (after its last insertion of this step, which is still to be
+        reported as an extension)."""
+        if key:
+            self._forgotten.append(key)
+
+    def drain_logs(self) -> tuple[list[list[int]], list[list[int]], list[CacheExtension]]:
+        """(inserted, evicted, extended) since the last call: evictions and insertions without a key as
+        full sequences from the root, keyed insertions as extensions of the key's last one. A reader
+        applies the evictions first, so an insertion cut short by a later eviction in the same step is
+        left out (the reader would otherwise believe it still fully cached)."""
         log, self._log = self._log, []
-        inserted, evicted = [], []
-        for i, (is_insert, seq) in enumerate(log):
+        inserted: list[list[int]] = []
+        evicted: list[list[int]] = []
+        extended: list[CacheExtension] = []
+        for i, (is_insert, seq, key) in enumerate(log):
             if not is_insert:
                 evicted.append(seq)
-            elif not any(not later_insert and seq[:len(e)] == e for later_insert, e in log[i + 1:]):
+            elif any(not later_insert and seq[:len(e)] == e for later_insert, e, _ in log[i + 1:]):
+                continue
+            elif key:
+                start = self._reported.get(key, 0)
+                extended.append(CacheExtension(key, start, seq[start:]))
+                self._reported[key] = len(seq)
+            else:
                 inserted.append(seq)
-        return inserted, evicted
+        for key in self._forgotten:
+            self._reported.pop(key, None)
+        self._forgotten = []
+        return inserted, evicted, extended

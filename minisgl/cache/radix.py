@@ -19,12 +19,15 @@ only need slicing (`value[a:b]`), so tensors and lists both work; `None` means "
     tree.total_tokens, tree.evictable_tokens, tree.protected_tokens
 
 Eviction takes whole leaves, least recently used first; a parent becomes a candidate once its last
-child is gone. The root is locked forever.
+child is gone. The candidates are kept in a heap across calls (an entry is pushed whenever a leaf may have
+become evictable or was used; stale entries are skipped when popped), so an eviction costs the leaves it
+takes, not a walk of the whole tree. The root is locked forever.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -40,9 +43,6 @@ class RadixNode:
         self.lock_ref = 0
         self.last_access = 0
         self.terminal = False  # some inserted sequence ends here (used by remove)
-
-    def __lt__(self, other: RadixNode) -> bool:  # heap tie-break
-        return self.last_access < other.last_access
 
 
 @dataclass
@@ -83,6 +83,9 @@ class RadixTree:
         self._clock = 0
         self.total_tokens = 0
         self.evictable_tokens = 0
+        # (last_access, tie-break, node) of leaves that were evictable when pushed (see _offer)
+        self._lru: list[tuple[int, int, RadixNode]] = []
+        self._order = itertools.count()
 
     @property
     def protected_tokens(self) -> int:
@@ -94,8 +97,13 @@ class RadixTree:
 
     # ------------------------------------------------------------------ lookup
 
-    def match_prefix(self, tokens: Sequence[int]) -> Match:
-        now = self._tick()
+    def _walk(self, tokens: Sequence[int], split: str = "always", now: int = 0
+              ) -> tuple[RadixNode, int, list[Any], bool]:
+        """The one descent: follow `tokens` from the root as far as the tree holds them. Where the match
+        ends inside a node, split it there ("always"; "at_end": only when `tokens` end there too), or
+        stop with the partial match counted ("never", and "at_end" otherwise). now > 0: mark the path
+        used. Returns (deepest whole node, tokens matched, payloads along the path, diverged inside a
+        node)."""
         node, pos, values = self.root, 0, []
         while pos < len(tokens):
             child = node.children.get(tokens[pos])
@@ -103,24 +111,23 @@ class RadixTree:
                 break
             n = _common_len(child.key, tokens, pos)
             if n < len(child.key):
+                if split == "never" or (split == "at_end" and pos + n < len(tokens)):
+                    return node, pos + n, values, True
                 child = self._split(child, n)
-            child.last_access = now
+            if now:
+                child.last_access = now
             values.append(child.value)
             node, pos = child, pos + n
+        if now:
+            self._offer(node)
+        return node, pos, values, False
+
+    def match_prefix(self, tokens: Sequence[int]) -> Match:
+        node, pos, values, _ = self._walk(tokens, now=self._tick())
         return Match(pos, node, values)
 
     def prefix_len(self, tokens: Sequence[int]) -> int:
-        node, pos = self.root, 0
-        while pos < len(tokens):
-            child = node.children.get(tokens[pos])
-            if child is None:
-                break
-            n = _common_len(child.key, tokens, pos)
-            pos += n
-            if n < len(child.key):
-                break
-            node = child
-        return pos
+        return self._walk(tokens, split="never")[1]
 
     def _split(self, child: RadixNode, n: int) -> RadixNode:
         """Cut child's key after n tokens; return the new upper node (same locks and access time)."""
@@ -142,16 +149,7 @@ class RadixTree:
         """Cache `tokens` (with `value[i]` the payload of token i). Returns how many leading tokens
         were already cached: the tree keeps its own payload for those."""
         now = self._tick()
-        node, pos = self.root, 0
-        while pos < len(tokens):
-            child = node.children.get(tokens[pos])
-            if child is None:
-                break
-            n = _common_len(child.key, tokens, pos)
-            if n < len(child.key):
-                child = self._split(child, n)
-            child.last_access = now
-            node, pos = child, pos + n
+        node, pos, _, _ = self._walk(tokens, now=now)
         existing = pos
         if pos < len(tokens):
             leaf = RadixNode(list(tokens[pos:]), _slice(value, pos), node)
@@ -160,6 +158,7 @@ class RadixTree:
             self.total_tokens += len(leaf.key)
             self.evictable_tokens += len(leaf.key)
             node = leaf
+            self._offer(leaf)
         if node is not self.root:
             node.terminal = True
         return existing
@@ -179,6 +178,7 @@ class RadixTree:
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 self.evictable_tokens += len(node.key)
+                self._offer(node)
             node = node.parent  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ eviction
@@ -188,18 +188,27 @@ class RadixTree:
         unlocked is left)."""
         if num_tokens <= 0:
             return []
-        heap = [n for n in self._nodes() if not n.children and n.lock_ref == 0]
-        heapq.heapify(heap)
         out: list[Evicted] = []
         freed = 0
-        while heap and freed < num_tokens:
-            node = heapq.heappop(heap)
+        while self._lru and freed < num_tokens:
+            access, _, node = heapq.heappop(self._lru)
+            if access != node.last_access or not self._is_candidate(node):
+                continue  # used, locked, given a child or gone since it was pushed
             out.append(Evicted(self._path(node), node.value))
             freed += len(node.key)
-            parent = self._detach(node)
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, parent)
+            self._detach(node)  # offers the parent, should it now be an unlocked leaf
         return out
+
+    def _is_candidate(self, node: RadixNode) -> bool:
+        return node.parent is not None and not node.children and node.lock_ref == 0
+
+    def _offer(self, node: RadixNode) -> None:
+        """Push node onto the LRU heap if it is an evictable leaf now (at its current access time)."""
+        if self._is_candidate(node):
+            heapq.heappush(self._lru, (node.last_access, next(self._order), node))
+            if len(self._lru) > 2 * self.total_tokens + 1024:  # mostly stale entries: keep the live ones
+                self._lru = [e for e in self._lru if e[0] == e[2].last_access and self._is_candidate(e[2])]
+                heapq.heapify(self._lru)
 
     def flush(self) -> list[Evicted]:
         return self.evict(self.evictable_tokens)
@@ -208,9 +217,11 @@ class RadixTree:
         parent = node.parent
         assert parent is not None
         del parent.children[node.key[0]]
+        node.parent = None
         self.total_tokens -= len(node.key)
         if node.lock_ref == 0:
             self.evictable_tokens -= len(node.key)
+        self._offer(parent)
         return parent
 
     def _path(self, node: RadixNode) -> list[int]:
@@ -220,15 +231,6 @@ class RadixTree:
             node = node.parent  # type: ignore[assignment]
         return [t for key in reversed(keys) for t in key]
 
-    def _nodes(self) -> list[RadixNode]:
-        out, stack = [], [self.root]
-        while stack:
-            node = stack.pop()
-            stack.extend(node.children.values())
-            if node is not self.root:
-                out.append(node)
-        return out
-
     # ------------------------------------------------------------------ index side
 
     def remove(self, tokens: Sequence[int]) -> int:
@@ -237,17 +239,9 @@ class RadixTree:
         when a worker reports an evicted leaf. Returns how many tokens were dropped. Locked nodes
         stay. (It can forget a little more than the worker did when the worker's tree was split at a
         point the index never saw; an index that under-promises is the safe direction.)"""
-        node, pos = self.root, 0
-        while pos < len(tokens):
-            child = node.children.get(tokens[pos])
-            if child is None:
-                return 0
-            n = _common_len(child.key, tokens, pos)
-            if n < len(child.key):
-                if pos + n < len(tokens):
-                    return 0  # diverges: the index never held this sequence
-                child = self._split(child, n)
-            node, pos = child, pos + n
+        node, pos, _, diverged = self._walk(tokens, split="at_end")
+        if diverged or pos < len(tokens):
+            return 0  # the index never held this sequence
         if node is self.root:
             return 0
         dropped = 0

@@ -165,7 +165,7 @@ class Engine:
         if decode or chunks:
             self._run(decode, decode_slots, chunks, out)
         out.finished, self._finished = self._finished, []
-        out.cache_inserted, out.cache_evicted = self.kv.drain_logs()
+        out.cache_inserted, out.cache_evicted, out.cache_extended = self.kv.drain_logs()
         return out
 
     def _schedule(self) -> tuple[list[Req], torch.Tensor | None, list[_Chunk]]:
@@ -417,7 +417,7 @@ class Engine:
         """Move r's computed tokens into the tree and re-lock them (r keeps running on them)."""
         tokens = r.all_ids[:r.kv_len]
         assert r.node is not None
-        self.kv.cache(tokens, self.table[r.row, :r.kv_len].clone(), r.cached_len, r.node)
+        self.kv.cache(tokens, self.table[r.row, :r.kv_len].clone(), r.cached_len, r.node, r.cache_key)
         length, node, slots = self.kv.match(tokens)
         assert length == r.kv_len
         self.table[r.row, :length] = slots  # duplicates were freed: point at the tree's copies
@@ -426,7 +426,7 @@ class Engine:
     def _release(self, r: Req) -> None:
         """Give r's KV to the prefix cache, drop its lock and its table row."""
         assert r.node is not None
-        self.kv.cache(r.all_ids[:r.kv_len], self.table[r.row, :r.kv_len].clone(), r.cached_len, r.node)
+        self.kv.cache(r.all_ids[:r.kv_len], self.table[r.row, :r.kv_len].clone(), r.cached_len, r.node, r.cache_key)
         self.free_rows.append(r.row)
         r.node, r.row, r.kv_len, r.cached_len = None, -1, 0, 0
 
@@ -447,6 +447,7 @@ class Engine:
     def _retire(self, r: Req) -> None:
         r.status = Status.FINISHED
         del self.reqs[r.rid]
+        self.kv.forget(r.cache_key)
         if r.report:
             self._finished.append(r.rid)
 

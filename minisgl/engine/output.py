@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from minisgl.messages import TokenOut
+from minisgl.messages import CacheExtension, TokenOut
 
 
 @dataclass
@@ -18,3 +18,9 @@ class StepOutput:
     # prefix cache changes, as full token sequences from the root, for the scheduler's index
     cache_inserted: list[list[int]] = field(default_factory=list)
     cache_evicted: list[list[int]] = field(default_factory=list)
+    # a running request's prompt cached further (deltas: see messages.CacheExtension)
+    cache_extended: list[CacheExtension] = field(default_factory=list)
+
+    @property
+    def cache_changed(self) -> bool:
+        return bool(self.cache_inserted or self.cache_evicted or self.cache_extended)

@@ -62,6 +62,12 @@ class Req:
         return self.all_ids[self.prompt_len:]
 
     @property
+    def cache_key(self) -> str:
+        """What the KV cache reports this request's insertions under: its rid when the scheduler knows
+        it (it drops the key when the rid finishes), else nothing (internal warm-ups: full sequences)."""
+        return self.rid if self.report else ""
+
+    @property
     def num_output(self) -> int:
         return len(self.all_ids) - self.prompt_len
 

@@ -18,6 +18,7 @@ class WorkerState:
     accepted: set[str] = field(default_factory=set)  # of those, the ones the worker said it took in
     pid: int = 0
     stats: LoadStats = field(default_factory=LoadStats)  # as the worker last reported them
+    growing: dict[str, list[int]] = field(default_factory=dict)  # rid -> its prompt cached so far (extensions)
     dispatched_total: int = 0
     index: PrefixIndex = field(default_factory=PrefixIndex)
 
@@ -34,10 +35,18 @@ class WorkerState:
             self.index.remove(seq)
         for seq in status.cache_inserted:
             self.index.insert(seq)
+        for ext in status.cache_extended:
+            known = self.growing.get(ext.rid, [])
+            if ext.start > len(known):
+                continue  # extends what this scheduler never heard (it restarted): leave it out, safely
+            self.growing[ext.rid] = seq = known[:ext.start] + ext.tokens
+            self.index.insert(seq)
         self.accepted.update(rid for rid in status.accepted if rid in self.inflight)
         done = [rid for rid in status.finished if rid in self.inflight]
         self.inflight.difference_update(done)
         self.accepted.difference_update(done)
+        for rid in status.finished:
+            self.growing.pop(rid, None)
         return done
 
     def mark_down(self) -> tuple[list[str], list[str]]:
@@ -48,6 +57,7 @@ class WorkerState:
         self.up = False
         self.inflight.clear()
         self.accepted.clear()
+        self.growing.clear()
         self.stats = msgspec.structs.replace(self.stats, running=0, waiting=0, kv_used_tokens=0)
         self.index.clear()
         return started, never_ran

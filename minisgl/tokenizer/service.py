@@ -268,11 +268,8 @@ class TokenizerLoop:
             # own request (e.g. behind a long prompt being tokenized) cancels it before any work.
             if not pending:
                 self._take(self.pull.recv(), pending, aborted)
-            while True:
-                try:
-                    self._take(self.pull.recv(zmq.NOBLOCK), pending, aborted)
-                except zmq.Again:
-                    break
+            for data in ipc.drain(self.pull):
+                self._take(data, pending, aborted)
             if not pending:
                 continue  # only malformed frames came in
             msg = pending.popleft()
