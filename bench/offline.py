@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from minisgl.backends.base import BackendConfig
     from minisgl.backends.registry import create_backend, default_backend_name
-    from minisgl.models.config import load_config
+    from minisgl.models.weights import load_config
 
     model_dir, load_format = resolve_model(args)
     cfg = load_config(model_dir)

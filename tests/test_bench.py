@@ -293,7 +293,7 @@ def test_bench_suite_real_servers(tmp_path: Path) -> None:
 
 
 def test_roofline_math() -> None:
-    from minisgl.models.config import load_config
+    from minisgl.models.weights import load_config
 
     cfg = load_config(REPO / "bench" / "configs" / "qwen3-0.6b")
     params = offline.decode_weight_params(cfg)

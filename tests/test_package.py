@@ -10,6 +10,7 @@ wheel's copy of the package).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,8 +36,14 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess[str]:  # noqa: ANN
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv holding only the wheel of this checkout; returns its bin/ folder."""
     root = tmp_path_factory.mktemp("pkg")
+    # the checkout's package files, built in a copy so that the build leaves nothing in the checkout
+    src = root / "src"
+    for name in ("minisgl", "procs"):
+        shutil.copytree(REPO_ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, src / name)
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-          "-w", str(root / "dist"), str(REPO_ROOT)])
+          "-w", str(root / "dist"), str(src)])
     wheel = next((root / "dist").glob("mini_sglang-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     # what a server needs besides Python files: the CPU kernels' C source and the gateway's pages

@@ -19,7 +19,8 @@ import pytest
 from bench.dummy_model import TINY_QWEN3, make_dummy_model_dir
 from minisgl.distributed.checks import check_tp_request, rank_device
 from minisgl.models.sharding import check_tp_shape
-from minisgl.models.config import ModelConfig, load_config
+from minisgl.models.config import ModelConfig
+from minisgl.models.weights import load_config
 from minisgl.server_handle import REPO_ROOT
 from tests.conftest import start_server, stream_generate, wait_for
 

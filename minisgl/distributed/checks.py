@@ -64,6 +64,6 @@ def check_tp_request(tp: int, workers: int, backend: str, device: str, model_dir
         raise RuntimeError(f"TP_SIZE={tp} needs torch.distributed with gloo, missing from torch {torch.__version__}")
     if model_dir is not None and (model_dir / "config.json").exists():
         from minisgl.models.sharding import check_tp_shape
-        from minisgl.models.config import load_config
+        from minisgl.models.weights import load_config
 
         check_tp_shape(load_config(model_dir), tp, model_dir.name)

@@ -30,6 +30,7 @@ from minisgl import ipc
 from minisgl.config import ServerConfig
 from minisgl.config import context_window
 from minisgl.gateway import pages
+from minisgl.gateway.errors import error_response
 from minisgl.narration import relay_local
 from minisgl.gateway.live import LiveStats
 from minisgl.gateway.metrics import GatewayMetrics
@@ -61,13 +62,6 @@ from minisgl.messages import (
 )
 
 log = logging.getLogger("minisgl.gateway")
-
-
-def error_response(message: str, status: int, code: str = "invalid_request", param: str | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return JSONResponse({"error": {"message": message, "type": kind, "code": code, "param": param}},
-                        status_code=status, headers=headers)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from minisgl.backends.registry import backend_supports
+from minisgl.gateway.errors import RequestError
 from minisgl.messages import SamplingParams, TokenLogprob
 
 MAX_N = 16  # choices per request
@@ -29,8 +30,6 @@ class Extras:
 
 
 def _require(backend: str, feature: str, field: str) -> None:
-    from minisgl.gateway.requests import RequestError
-
     if not backend_supports(backend, feature):
         raise RequestError(f"'{field}' is not supported by the {backend} backend "
                            f"(it is computed in the engine of the torch and sgl backends)", param=field)
@@ -38,8 +37,6 @@ def _require(backend: str, feature: str, field: str) -> None:
 
 def parse_extras(v: Any, chat: bool, params: SamplingParams, backend: str) -> tuple[SamplingParams, Extras]:
     """v: a requests.Validator over the body. Returns the sampling params with the extras folded in."""
-    from minisgl.gateway.requests import RequestError
-
     n = v.integer("n", 1, 1, MAX_N)
     best_of = v.body.get("best_of")
     if best_of is not None and best_of != n:
@@ -81,8 +78,6 @@ def parse_extras(v: Any, chat: bool, params: SamplingParams, backend: str) -> tu
 
 
 def _logit_bias(value: Any) -> dict[int, float]:
-    from minisgl.gateway.requests import RequestError
-
     if not isinstance(value, dict):
         raise RequestError("'logit_bias' must be an object mapping token ids to numbers", param="logit_bias")
     out: dict[int, float] = {}

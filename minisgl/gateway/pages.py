@@ -22,7 +22,8 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from minisgl.gateway.requests import RequestError, Validator
+from minisgl.gateway.errors import RequestError, error_response
+from minisgl.gateway.requests import Validator
 from minisgl.messages import TokenizeReq
 
 if TYPE_CHECKING:
@@ -127,6 +128,4 @@ def routes(gw: Gateway) -> list[BaseRoute]:
 
 
 def _error(e: RequestError) -> Response:
-    from minisgl.gateway.app import error_response
-
     return error_response(e.message, e.status, e.code, e.param)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from minisgl.gateway.errors import RequestError
 from minisgl.config import ServerConfig
 from minisgl.gateway.openai_extras import parse_extras
 from minisgl.messages import ChatMessage, SamplingParams
@@ -27,12 +28,6 @@ GENERATE_FIELDS = SAMPLING_FIELDS | {"prompt", "messages", "raw", "max_new_token
 OPENAI_FIELDS = SAMPLING_FIELDS | OPENAI_EXTRA_FIELDS | {"stream_options", "user"}
 COMPLETION_FIELDS = OPENAI_FIELDS | {"prompt", "max_tokens", "echo"}
 CHAT_FIELDS = OPENAI_FIELDS | {"messages", "max_tokens", "max_completion_tokens", "top_logprobs"}
-
-
-class RequestError(Exception):
-    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str = "invalid_request") -> None:
-        super().__init__(message)
-        self.message, self.status, self.param, self.code = message, status, param, code
 
 
 @dataclass(frozen=True)

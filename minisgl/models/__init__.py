@@ -5,7 +5,8 @@ Layered bottom-up: `config.py` (ModelConfig) <- `layers.py`, `decoder.py` and th
 shard). Checkpoint files themselves (the embedded model, the Hub) are `minisgl.assets`.
 """
 
-from minisgl.models.config import ModelConfig, load_config
+from minisgl.models.config import ModelConfig
+from minisgl.models.weights import load_config
 from minisgl.models.context import DenseContext, ForwardContext
 from minisgl.models.decoder import CausalLM
 from minisgl.models.loader import load_model

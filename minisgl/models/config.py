@@ -1,19 +1,18 @@
 """ModelConfig: the shape of a decoder, parsed from a checkpoint's config.json.
 
 Apart from the loader so that the model classes, the loader and the sharded loader all import it from
-below them (no import circle among models/). EOS ids and the context length are not model shape: they
+below them (no import circle among models/); whether the architecture is one we run is checked where a
+config is read (models/weights.py), which may import the model classes. EOS ids and the context length are not model shape: they
 come from `minisgl.assets.checkpoint`, the one reader of those files for every process.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from minisgl.assets.checkpoint import read_json
 from minisgl.models.layers import RopeScaling
 
 
@@ -43,9 +42,6 @@ class ModelConfig:
         arch = (d.get("architectures") or [None])[0]
         if arch is None:
             raise ValueError("config has no 'architectures' entry")
-        from minisgl.models.registry import get_model_class
-
-        get_model_class(arch)  # fail early, with the list of supported ones
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (only silu)")
         if d.get("use_sliding_window"):
@@ -100,10 +96,6 @@ def _parse_rope_scaling(rope: dict[str, Any]) -> RopeScaling | None:
         )
     raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: default, linear, llama3)")
 
-
-
-def load_config(model_dir: str | Path) -> ModelConfig:
-    return ModelConfig.from_dict(read_json(Path(model_dir) / "config.json"))
 
 
 # The one table of dtype names every backend accepts (DTYPE / --dtype), besides auto.

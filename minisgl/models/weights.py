@@ -11,13 +11,26 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from minisgl.assets.checkpoint import read_json
-from minisgl.models.config import ModelConfig, load_config
+from minisgl.models.config import ModelConfig
+from minisgl.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 # GGUF files name a model_type, not an architecture.
 _GGUF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """A checkpoint's ModelConfig; an architecture we do not run fails first, with the list of ours."""
+    arch = (d.get("architectures") or [None])[0]
+    if arch is not None:
+        get_model_class(arch)
+    return ModelConfig.from_dict(d)
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    return config_from_dict(read_json(Path(model_dir) / "config.json"))
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
@@ -94,6 +107,6 @@ def open_checkpoint(model_dir: Path, load_format: str
     if fmt == "gguf":
         has_config = (model_dir / "config.json").exists()
         gguf_config, tensors = read_gguf(_gguf_file(model_dir), model_dir if has_config else None)
-        config = load_config(model_dir) if has_config else ModelConfig.from_dict(gguf_config)
+        config = load_config(model_dir) if has_config else config_from_dict(gguf_config)
         return fmt, config, tensors.items()
     return fmt, load_config(model_dir), iter_safetensors(model_dir)
