@@ -50,8 +50,8 @@ def drain(sock: zmq.Socket, multipart: bool = False) -> Iterator:
             return
 
 
-def send(sock: zmq.Socket, msg: msgspec.Struct) -> None:
-    sock.send(_encoder.encode(msg), copy=False)
+def send(sock: zmq.Socket, msg: msgspec.Struct, flags: int = 0) -> None:
+    sock.send(_encoder.encode(msg), flags, copy=False)
 
 
 def setup_logging(level: str, name: str) -> None:

@@ -41,7 +41,7 @@ from minisgl import ipc
 from minisgl.backends.registry import BACKENDS, backend_help, check_backend_name, default_backend_name
 from minisgl.config import ServerConfig, add_config_flags, config_from_args, device_sized
 from minisgl.control import launcher_alive, run_info_path
-from minisgl.messages import LauncherInMsg, ProcReady, WorkerDied
+from minisgl.messages import LauncherInMsg, ProcReady, Shutdown, WorkerDied
 
 # The folder holding the minisgl and procs packages: a checkout, or site-packages once installed. Children
 # run `python -m procs.<name>`; a checkout that is not installed needs this folder on their path.
@@ -53,6 +53,7 @@ READY_TIMEOUT_S = 600.0
 MAX_RESTARTS = 5  # per process within RESTART_WINDOW_S, then give up and stop the tree
 RESTART_WINDOW_S = 60.0
 STOP_TIMEOUT_S = 5.0  # after SIGTERM (and the gateway's drain), SIGKILL
+WORKER_STOP_S = 2.0  # workers sent Shutdown get this long to leave on their own, then SIGTERM
 PID_FILE = "launcher.pid"  # in the runtime dir: whose it is, so a dead launcher's dir can be told apart
 
 
@@ -202,11 +203,27 @@ class Supervisor:
         then an error event each) while everything behind it still serves; then SIGTERM the rest, and
         SIGKILL whoever lingers."""
         self.stop_procs([self.gateway], self.cfg.drain_grace_s + STOP_TIMEOUT_S)
+        self.stop_workers()
         self.stop_procs(list(reversed(self.children)), STOP_TIMEOUT_S)
         self.ctx.destroy(linger=0)
         shutil.rmtree(self.cfg.runtime_dir, ignore_errors=True)
         if self.run_info is not None:
             self.run_info.unlink(missing_ok=True)
+
+    def stop_workers(self) -> None:
+        """Send each worker (rank 0 of each TP group) a Shutdown and give them WORKER_STOP_S to end their
+        loops, shut their backends down and exit; whoever is still there gets SIGTERM next."""
+        ranks = [c for c in self.children if c.is_worker and c.proc is not None and c.proc.poll() is None]
+        for c in ranks:
+            if "-tp" not in c.name:
+                sock = ipc.connect_push(self.ctx, self.cfg.endpoint(c.name))
+                try:
+                    ipc.send(sock, Shutdown(), zmq.NOBLOCK)
+                except zmq.Again:  # not reachable: SIGTERM will do
+                    pass
+        deadline = time.monotonic() + WORKER_STOP_S
+        while time.monotonic() < deadline and any(c.proc.poll() is None for c in ranks):
+            time.sleep(0.05)
 
     @staticmethod
     def stop_procs(children: list[Child], timeout: float) -> None:
@@ -281,7 +298,7 @@ def resolve_config(cfg: ServerConfig) -> ServerConfig:
 
         # with --tp N: one worker per N devices
         workers = max(1, torch.cuda.device_count() // cfg.tp) if torch.cuda.is_available() else workers
-    from minisgl.distributed.checks import check_tp_request
+    from minisgl.backends.tp_checks import check_tp_request
 
     check_tp_request(cfg.tp, workers, backend, cfg.device, model_dir)
     check_port_free(cfg.host, cfg.port)

@@ -106,7 +106,8 @@ class FlushCache(Struct, tag="flush_cache"):
 
 
 class Shutdown(Struct, tag="shutdown"):
-    pass
+    """launcher -> worker, when the server stops: end the loop and free the device (rank 0 passes it on
+    to its TP ranks, so the group leaves together) before the launcher's SIGTERM would."""
 
 
 # ---------------------------------------------------------------- worker -> tokenizer

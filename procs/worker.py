@@ -1,6 +1,7 @@
 """Worker process: one per device. Owns a backend (model, KV pool, prefix cache) and runs its loop.
 
-In:  Dispatch / AbortReq / InsertPrefix / FlushCache / Shutdown from the scheduler.
+In:  Dispatch / AbortReq / InsertPrefix / FlushCache from the scheduler; Shutdown from the launcher
+     (a stopping server: the loop ends, the backend shuts down, a TP group leaves together).
 Out: one TokenBatch per engine step to the tokenizer; WorkerStatus to the scheduler.
 """
 
@@ -20,13 +21,14 @@ from minisgl.narration import relay_to_gateway
 from minisgl.backends.base import Backend, BackendConfig, StepOutput
 from minisgl.backends.registry import create_backend
 from minisgl.config import ServerConfig
-from minisgl.distributed.checks import rank_device
+from minisgl.backends.tp_checks import rank_device
 from minisgl.distributed.group import TPGroup, destroy_tp, exit_rank
-from minisgl.distributed.step_sync import FollowerLoop, StepSync, agree_on_kv_pool, apply
+from minisgl.backends.tp_sync import FollowerLoop, StepSync, agree_on_kv_pool, apply
 from minisgl.messages import (
     Dispatch,
     FlushCache,
     PeerRestarted,
+    Shutdown,
     TokenBatch,
     WorkerInMsg,
     WorkerStatus,
@@ -107,6 +109,8 @@ class WorkerLoop:
             self.announce()
         elif isinstance(msg, FlushCache):
             self.send_status(StepOutput(), flushed=True)
+        elif isinstance(msg, Shutdown):
+            log.info("stopping: the launcher sent Shutdown")
         return running
 
     def send_status(self, out: StepOutput, flushed: bool = False, accepted: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -58,6 +59,8 @@ def test_two_servers_side_by_side_and_clean_shutdown(default_model_dir, tmp_path
         assert a.stop() == 0
         assert b.stop() == 0
     assert time.monotonic() - t0 < 15, "shutdown took too long"
+    for s in (a, b):  # the workers ended on the launcher's Shutdown, not on its SIGTERM
+        assert "stopping: the launcher sent Shutdown" in Path(s.log_path).read_text()
     assert wait_for(lambda: not alive(pids), timeout=5), f"left behind: {alive(pids)}"
 
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from bench.dummy_model import TINY_QWEN3, make_dummy_model_dir
-from minisgl.distributed.checks import check_tp_request, rank_device
+from minisgl.backends.tp_checks import check_tp_request, rank_device
 from minisgl.models.sharding import check_tp_shape
 from minisgl.models.config import ModelConfig
 from minisgl.models.weights import load_config

@@ -13,15 +13,19 @@ same inputs, so they take the same decisions without being told each one:
     each rank's vocabulary slice and ALL-GATHERED (one all-gather of [T, V/N] per step, T = rows that
     need logits), so every rank holds the full, bitwise-identical logits and samples the same tokens.
     Per forward: 2 * num_layers + 1 all-reduces and 1 all-gather on the model group.
-  - `sharding.py`: which slice of each checkpoint tensor a rank keeps, the start-up shape checks
-    (heads, KV heads, vocab, intermediate size divisible by N), `load_sharded_model` (used by
-    `models.loader.load_model` when a TP group is active: one full tensor in memory at a time) and
-    `shard_model` (split an already-built model, for checks).
-  - `step_sync.py`: rank 0 broadcasts, each loop iteration, the scheduler messages it received (as
+  - `minisgl/models/sharding.py` (with the other model loading): which slice of each checkpoint tensor
+    a rank keeps, the start-up shape checks (heads, KV heads, vocab, intermediate size divisible by N),
+    `load_sharded_model` (used by `models.loader.load_model` when a TP group is active: one full tensor
+    in memory at a time) and `shard_model` (split an already-built model, for checks).
+  - `minisgl/backends/tp_sync.py` (it drives a backend): rank 0 broadcasts, each loop iteration, the scheduler messages it received (as
     the msgspec bytes they arrived in: nothing is pickled) plus a fingerprint of its engine state;
     the other ranks apply the same messages and step when rank 0 steps. A rank whose state differs
     from rank 0's stops with an error instead of deadlocking in a collective.
-  - `checks.py`: the launcher's start-up checks (devices, divisibility, NCCL, backend).
+  - `minisgl/backends/tp_checks.py`: the launcher's start-up checks (devices, divisibility, NCCL,
+    backend).
+
+This package holds only what the model code itself needs (groups, parallel layers), so models/ can
+import it without an import running back up.
 
 CUDA graphs: `torch.distributed.all_reduce` / `all_gather_into_tensor` on a NCCL process group are
 capturable (ProcessGroupNCCL launches them on the capturing stream's dependency chain), so the sgl
