@@ -1,7 +1,8 @@
 """The gateway's pages and their small endpoints:
 
-    GET  /                     the chat page (static/chat.html: plain HTML/JS/CSS, no build, no CDN)
-    GET  /dashboard            the live dashboard (static/dashboard.html)
+    GET  /                     the chat page (static/chat.html in page.html: plain HTML/JS/CSS, no build,
+                               no CDN)
+    GET  /dashboard            the live dashboard (static/dashboard.html in page.html)
     GET  /static/...           their assets
     GET  /dashboard/data       one JSON snapshot: /metrics' JSON plus per-second series, recent requests
     GET  /dashboard/narration  server-sent events: the --narrate lines of every process, live
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -42,12 +43,20 @@ def rejected_by_status(gw: Gateway) -> dict[str, float]:
     return out
 
 
+def page(name: str) -> str:
+    """A page: its body (static/<name>.html, after its first line, a comment) in the shell every page
+    shares (static/page.html: head, stylesheet, common.js and the page's own <name>.js). Read per
+    request, as static files are."""
+    body = (STATIC / f"{name}.html").read_text().split("\n", 1)[1]
+    return (STATIC / "page.html").read_text().replace("{name}", name).replace("{body}", body)
+
+
 def routes(gw: Gateway) -> list[BaseRoute]:
     async def chat_page(request: Request) -> Response:
-        return FileResponse(STATIC / "chat.html", headers=NO_CACHE)
+        return HTMLResponse(page("chat"), headers=NO_CACHE)
 
     async def dashboard_page(request: Request) -> Response:
-        return FileResponse(STATIC / "dashboard.html", headers=NO_CACHE)
+        return HTMLResponse(page("dashboard"), headers=NO_CACHE)
 
     async def dashboard_data(request: Request) -> Response:
         sched = await gw.bridge.control("metrics")

@@ -503,22 +503,16 @@ static inline __attribute__((always_inline)) void gemm_impl(int fmt, const uint8
 
 /* W: N rows of K/32 blocks in the format of the name; x [B, K], y [B, N] float32; bias [N] or NULL.
    K must be a multiple of 32 (checked by the caller). */
-void gemm_q4_1(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) {
-#pragma omp parallel
-    gemm_impl(FMT_Q4_1, W, x, y, bias, B, K, N);
-}
-void gemm_q8_0(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) {
-#pragma omp parallel
-    gemm_impl(FMT_Q8_0, W, x, y, bias, B, K, N);
-}
-void gemm_bf16(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) {
-#pragma omp parallel
-    gemm_impl(FMT_BF16, W, x, y, bias, B, K, N);
-}
-void gemm_f32(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) {
-#pragma omp parallel
-    gemm_impl(FMT_F32, W, x, y, bias, B, K, N);
-}
+/* One exported entry per format (ctypes looks each up by name), all the same threaded gemm_impl. */
+#define GEMM_ENTRY(name, fmt)                                                                          \
+    void name(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K,     \
+              int64_t N) {                                                                              \
+        _Pragma("omp parallel") gemm_impl(fmt, W, x, y, bias, B, K, N);                                \
+    }
+GEMM_ENTRY(gemm_q4_1, FMT_Q4_1)
+GEMM_ENTRY(gemm_q8_0, FMT_Q8_0)
+GEMM_ENTRY(gemm_bf16, FMT_BF16)
+GEMM_ENTRY(gemm_f32, FMT_F32)
 
 /* The ISA this file was built for, so the loader can check it got the build it asked for. */
 int kernels_vector_bits(void) { return VL * 32; }
