@@ -154,3 +154,29 @@ def test_pool_returns_to_start_after_mixed_workload_with_aborts(model: CausalLM)
     assert engine.preemptions > 0 and col.evicted > 0  # the small pool was really under pressure
     assert_pool_clean(engine)
     assert engine.pool.free_count == start
+
+
+def test_kv_cache_reports_a_growing_prompt_as_extensions() -> None:
+    """A request caching its prompt chunk by chunk is reported by what each chunk adds (keyed by its rid),
+    not its whole prefix again: 4 chunks of 8 tokens cost 32 tokens of log, not 8 + 16 + 24 + 32."""
+    cache = KVCache(small_pool(64))
+    prompt = list(range(1, 33))
+    slots = cache.alloc(32)
+    assert slots is not None
+    node, got = cache.tree.root, []
+    for end in (8, 16, 24, 32):
+        cache.tree.lock(node)
+        cache.cache(prompt[:end], slots[:end], 0 if node is cache.tree.root else end - 8, node, key="r1")
+        _, node, _ = cache.match(prompt[:end])
+        ins, ev, ext = cache.drain_logs()
+        assert ins == [] and ev == []
+        got += ext
+    cache.unlock(node)
+    assert [(e.rid, e.start, len(e.tokens)) for e in got] == [("r1", 0, 8), ("r1", 8, 8), ("r1", 16, 8), ("r1", 24, 8)]
+    assert [t for e in got for t in e.tokens] == prompt
+    cache.forget("r1")  # the request is gone: a later request under the same id starts from 0 again
+    assert cache.drain_logs() == ([], [], [])
+    more = cache.alloc(2)
+    cache.tree.lock(cache.tree.root)
+    cache.cache(prompt + [40, 41], torch.cat([slots, more]), 0, cache.tree.root, key="r1")
+    assert [(e.start, e.tokens) for e in cache.drain_logs()[2]] == [(0, prompt + [40, 41])]

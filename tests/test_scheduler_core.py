@@ -233,3 +233,22 @@ def test_status_from_an_unknown_worker_is_an_error_not_a_crash_elsewhere() -> No
 def test_unknown_mode_is_rejected() -> None:
     with pytest.raises(ValueError, match="SCHEDULER_MODE"):
         core("best_effort")
+
+
+def test_cache_extensions_build_the_index_and_end_with_the_request() -> None:
+    """The worker reports a prompt cached chunk by chunk as extensions of its rid; the index holds the
+    whole prefix, and the scheduler forgets the rid's tokens once the request finished."""
+    from minisgl.messages import CacheExtension
+
+    c = core("cache_aware", 2)
+    prompt = list(range(500, 620))
+    c.on_status(WorkerStatus(worker_id=1, cache_extended=[CacheExtension("a", 0, prompt[:40])]))
+    c.on_status(WorkerStatus(worker_id=1, cache_extended=[CacheExtension("a", 40, prompt[40:80]),
+                                                          CacheExtension("a", 80, prompt[80:])]))
+    assert c.workers[1].index.match_prefix(prompt + [1]) == len(prompt)
+    assert dispatch_one(c, req("hit", prompt + [7])) == 1
+    # an extension of what this scheduler never heard (it restarted meanwhile) is left out, not guessed
+    c.on_status(WorkerStatus(worker_id=0, cache_extended=[CacheExtension("b", 50, [1, 2, 3])]))
+    assert c.workers[0].index.num_tokens == 0
+    c.on_status(WorkerStatus(worker_id=1, finished=["a"]))
+    assert "a" not in c.workers[1].growing

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from minisgl.assets.checkpoint import DEFAULT_CONTEXT
 from minisgl.models.layers import RopeScaling
 
 
@@ -61,7 +62,7 @@ class ModelConfig:
             head_dim=d.get("head_dim") or d["hidden_size"] // num_heads,
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            max_position_embeddings=d.get("max_position_embeddings", DEFAULT_CONTEXT),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)),
             bos_token_id=d.get("bos_token_id"),
