@@ -585,7 +585,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_backend(name: str) -> str:
     if name != "auto":
         return name
-    from minisgl.backends.registry import default_backend_name
+    from minisgl.backend_registry import default_backend_name
 
     return default_backend_name()
 

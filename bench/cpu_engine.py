@@ -45,7 +45,7 @@ def default_paths() -> list[str]:
 
 def make_backends(seed: int, paths: list[str]) -> dict[str, Any]:
     from minisgl.backends.base import BackendConfig
-    from minisgl.backends.registry import create_backend
+    from minisgl.backends.base import create_backend
     from minisgl.engine.cpu import isa as cpu_isa
     from minisgl.assets.embedded import ensure_default_model
 

@@ -199,7 +199,7 @@ def tune_kernel() -> None:
 
 def make_backend(name: str, dtype: str, model_dir: Path = CONFIG, **extra):
     from minisgl.backends.base import BackendConfig
-    from minisgl.backends.registry import create_backend
+    from minisgl.backends.base import create_backend
 
     return create_backend(name, BackendConfig(model_path=str(model_dir), device="cuda", dtype=dtype, load_format="dummy",
                                               max_running=extra.pop("max_running", 16),

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from minisgl.backends.base import BackendConfig
-    from minisgl.backends.registry import create_backend
+    from minisgl.backends.base import create_backend
     from minisgl.assets.embedded import ensure_default_model
 
     backend = create_backend("torch", BackendConfig(model_path=str(ensure_default_model(quiet=True)), device="cpu"))

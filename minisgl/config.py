@@ -18,6 +18,8 @@ from typing import Annotated
 
 import msgspec
 
+from minisgl.backend_registry import backend_spec
+
 
 def flag(help: str, env: str = "", sep: str = "") -> msgspec.Meta:
     """A ServerConfig field that is also a launch flag (see _flags): its help, and its env var where that
@@ -92,7 +94,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     def run_capacity(self) -> int:
         """Requests the workers can run at once (beyond it, work waits): adaptive max_new_tokens
         engages only past this."""
-        per_worker = self.hf_concurrency if self.backend == "hf" else self.max_running
+        per_worker = getattr(self, backend_spec(self.backend).concurrency_field)
         return max(1, min(self.max_inflight_total, self.workers * per_worker))
 
     def endpoint(self, name: str) -> str:
@@ -243,7 +245,7 @@ def device_sized(cfg: ServerConfig) -> tuple[ServerConfig, dict[str, int]]:
     """The config with the sgl backend's device-sized defaults filled in wherever the user set nothing
     (env vars and flags still win), and what was chosen, for the start-up log. The KV pool is sized by
     the worker itself, from its device's free memory after the weights (backends/sgl_backend.py)."""
-    if cfg.backend != "sgl":
+    if not backend_spec(cfg.backend).gpu_sized:
         return cfg, {}
     chosen: dict[str, int] = {}
     explicit = set(cfg.explicit)

@@ -38,7 +38,7 @@ import msgspec
 import zmq
 
 from minisgl import ipc
-from minisgl.backends.registry import BACKENDS, backend_help, check_backend_name, default_backend_name
+from minisgl.backend_registry import BACKENDS, backend_help, check_backend_name, default_backend_name
 from minisgl.config import ServerConfig, add_config_flags, config_from_args, device_sized
 from minisgl.control import launcher_alive, run_info_path
 from minisgl.messages import LauncherInMsg, ProcReady, Shutdown, WorkerDied

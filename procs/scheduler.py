@@ -21,6 +21,7 @@ import zmq
 
 from minisgl import ipc
 from minisgl.narration import relay_to_gateway
+from minisgl.backend_registry import backend_spec
 from minisgl.config import ServerConfig
 from minisgl.messages import (
     AbortReq,
@@ -214,8 +215,9 @@ class SchedulerProcess:
                                 error=None if up else "no worker is up")
         if req.command == "warm":
             seqs = self._prefix_ids(req)
-            if self.cfg.backend == "hf":
-                return ControlReply(ok=True, data={"queued": 0, "skipped": "the hf backend has no prefix cache"})
+            if not backend_spec(self.cfg.backend).prefix_cache:
+                return ControlReply(ok=True, data={"queued": 0,
+                                                   "skipped": f"the {self.cfg.backend} backend has no prefix cache"})
             if self.cfg.async_prefill_queue:
                 refused = sum(not core.queue_warmup(ids) for ids in seqs)
                 if refused:

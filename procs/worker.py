@@ -19,7 +19,7 @@ import zmq
 from minisgl import ipc
 from minisgl.narration import relay_to_gateway
 from minisgl.backends.base import Backend, BackendConfig, StepOutput
-from minisgl.backends.registry import create_backend
+from minisgl.backends.base import create_backend
 from minisgl.config import ServerConfig
 from minisgl.backends.tp_checks import rank_device
 from minisgl.distributed.group import TPGroup, destroy_tp, exit_rank

@@ -263,7 +263,7 @@ def test_fused_forward_on_the_default_model(kernels: CpuKernels, default_model_d
 def test_torch_backend_uses_the_kernels(kernels: CpuKernels, default_model_dir: Path) -> None:
     """By default on any x86 CPU with AVX2 (engine/cpu/isa.py); tests/test_cpu_paths.py forces each path."""
     from minisgl.backends.base import BackendConfig
-    from minisgl.backends.registry import create_backend
+    from minisgl.backends.base import create_backend
     from minisgl.engine.cpu import isa as cpu_isa
 
     if cpu_isa.choose() == "torch":

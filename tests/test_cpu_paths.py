@@ -283,7 +283,7 @@ def test_dispatch_follows_the_cpu(monkeypatch: pytest.MonkeyPatch, caplog: pytes
 
 def test_backend_runs_the_path_it_is_given(model_dir: Path) -> None:
     from minisgl.backends.base import BackendConfig
-    from minisgl.backends.registry import create_backend
+    from minisgl.backends.base import create_backend
 
     for isa in [*cpu_isa.supported(), "amx"]:
         cpu_isa.choose.cache_clear()

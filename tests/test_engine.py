@@ -398,7 +398,7 @@ def test_tiny_families_match_transformers(tmp_path: Path, family: str, device: s
 
 def test_torch_backend_end_to_end(model_dir, eos, prompts, expected, long_ids) -> None:
     from minisgl.backends.base import BackendConfig
-    from minisgl.backends.registry import create_backend
+    from minisgl.backends.base import create_backend
 
     backend = create_backend("torch", BackendConfig(model_path=str(model_dir), dtype="float32",
                                                     kv_cache_tokens=2048, max_model_len=1024))

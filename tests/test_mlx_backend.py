@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("mlx_lm")
 
 from minisgl.backends.base import Backend, BackendConfig, StepOutput  # noqa: E402
-from minisgl.backends.registry import create_backend
+from minisgl.backends.base import create_backend
 from minisgl.messages import SamplingParams, TokenizedReq, TokenOut  # noqa: E402
 from tests.conftest import start_server, stream_generate  # noqa: E402
 

@@ -60,7 +60,7 @@ def test_graph_batch_sizes_and_padding() -> None:
 @pytest.mark.skipif(HAVE_CUDA, reason="this machine has CUDA")
 def test_sgl_backend_without_cuda_says_so(tmp_path) -> None:
     from minisgl.backends.base import BackendConfig
-    from minisgl.backends.registry import create_backend
+    from minisgl.backends.base import create_backend
 
     with pytest.raises(RuntimeError, match="CUDA"):
         create_backend("sgl", BackendConfig(model_path=str(tmp_path), device="cpu"))

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from minisgl.backends.base import BackendConfig, EngineBackend
-from minisgl.backends.registry import create_backend
+from minisgl.backends.base import create_backend
 from minisgl.distributed.group import destroy_tp, exit_rank, get_tp, init_tp
 from minisgl.backends.tp_sync import FollowerLoop, StepSync, agree_on_kv_pool, apply
 from minisgl.messages import Dispatch, SamplingParams, Shutdown, TokenizedReq

@@ -14,13 +14,15 @@ knows nothing about ZeroMQ. The worker loop is:
 from __future__ import annotations
 
 import abc
+import importlib
 from typing import Any
 
+from minisgl.backend_registry import BACKENDS, check_backend_name
 from minisgl.config import BackendConfig
 from minisgl.engine.output import StepOutput
 from minisgl.messages import LoadStats, TokenizedReq
 
-__all__ = ["Backend", "BackendConfig", "EngineBackend", "LoadStats", "StepOutput"]
+__all__ = ["Backend", "BackendConfig", "EngineBackend", "LoadStats", "StepOutput", "create_backend"]
 
 
 class Backend(abc.ABC):
@@ -91,3 +93,11 @@ class EngineBackend(Backend):
 
     def max_context_len(self) -> int:
         return self.engine.max_context_len
+
+
+def create_backend(name: str, config: BackendConfig) -> Backend:
+    """The backend named in the registry, its module imported only now."""
+    spec = BACKENDS[check_backend_name(name)]
+    cls = getattr(importlib.import_module(spec.module), spec.cls)
+    cls.name = name
+    return cls(config)

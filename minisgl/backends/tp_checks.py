@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minisgl.backends.registry import BACKENDS
+from minisgl.backend_registry import BACKENDS
 
 
 def device_type(device: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from minisgl.backends.registry import backend_supports
+from minisgl.backend_registry import backend_supports
 from minisgl.gateway.errors import RequestError
 from minisgl.messages import SamplingParams, TokenLogprob
 

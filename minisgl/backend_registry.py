@@ -1,19 +1,14 @@
 """Every backend, named once: name -> where its class lives (imported only when it is created, so a
 CPU-only machine never imports CUDA or MLX code), what it computes beyond plain sampling, and a line for
---help. create_backend, the launcher's `auto` choice and --backend, the TP checks and the gateway (which
-refuses by name what a backend cannot do) all read this table. Kept free of heavy imports: the gateway
-and the launcher read it without loading any backend.
+--help. create_backend (base.py), the launcher's `auto` choice and --backend, the TP checks and the gateway (which
+refuses by name what a backend cannot do), the config's capacity and GPU sizing, and the scheduler's
+warm-ups all read this table. It imports nothing of the project (so the config, low as it is, may read
+it) and nothing heavy (the gateway and the launcher read it without loading any backend).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from minisgl.backends.base import Backend
-    from minisgl.config import BackendConfig
 
 # log-probabilities, prompt scoring (echo), penalties and logit_bias live in our engine (minisgl/engine)
 ENGINE_FEATURES = frozenset({"logprobs", "prompt_logprobs", "penalties", "logit_bias"})
@@ -26,15 +21,20 @@ class BackendSpec:
     about: str
     features: frozenset[str] = frozenset()
     engine: bool = False  # runs our engine (so tensor parallelism and the engine's features apply)
+    prefix_cache: bool = True  # keeps prompts' KV for reuse (so warm-ups mean something)
+    concurrency_field: str = "max_running"  # the ServerConfig field: requests one worker runs at once
+    gpu_sized: bool = False  # its sizing defaults come from the GPU (config.device_sized)
 
 
 BACKENDS: dict[str, BackendSpec] = {
     "torch": BackendSpec("minisgl.backends.torch_backend", "TorchBackend",
                          "our engine with portable torch ops and the CPU kernels (CPU, MPS)", ENGINE_FEATURES, True),
     "sgl": BackendSpec("minisgl.backends.sgl_backend", "SGLBackend",
-                       "our engine on CUDA: Triton kernels, CUDA graphs, overlap scheduling", ENGINE_FEATURES, True),
+                       "our engine on CUDA: Triton kernels, CUDA graphs, overlap scheduling", ENGINE_FEATURES, True,
+                       gpu_sized=True),
     "mlx": BackendSpec("minisgl.backends.mlx_backend", "MLXBackend", "mlx-lm's batch generator (Apple silicon)"),
-    "hf": BackendSpec("minisgl.backends.hf", "HFBackend", "plain transformers generate(), the baseline"),
+    "hf": BackendSpec("minisgl.backends.hf", "HFBackend", "plain transformers generate(), the baseline",
+                      prefix_cache=False, concurrency_field="hf_concurrency"),
 }
 
 
@@ -49,11 +49,9 @@ def backend_help() -> str:
         "; auto: sgl on CUDA, mlx on MPS with mlx-lm installed, else torch"
 
 
-def create_backend(name: str, config: BackendConfig) -> Backend:
-    spec = BACKENDS[check_backend_name(name)]
-    cls = getattr(importlib.import_module(spec.module), spec.cls)
-    cls.name = name
-    return cls(config)
+def backend_spec(name: str) -> BackendSpec:
+    """The spec of a backend, or of the default one (torch) for a name not resolved yet ("auto")."""
+    return BACKENDS.get(name, BACKENDS["torch"])
 
 
 def backend_supports(backend: str, feature: str) -> bool:
