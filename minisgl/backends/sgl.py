@@ -10,8 +10,9 @@ What differs from the `torch` backend (same scheduling, radix cache, sampling):
     swapped into the model's modules at load; at batch 1 the matmuls themselves are Triton GEMVs with the
     norms and silu*up folded in (`minisgl/engine/triton_gemv.py`);
   - decode tokens run in a CUDA graph of the whole forward, captured per batch size and padded up to
-    the next one (`minisgl/engine/cuda_graph.py`); a mixed step replays the graph for its decode
-    tokens and runs its prefill chunks eagerly right after (their launches overlap the graph on the GPU);
+    the next one (`minisgl/engine/cuda_graph.py`); the prompt chunks of a step (up to 2048 tokens) replay a
+    prefill graph captured per token-count bucket, so a mixed step is two graph replays (longer chunks run
+    eagerly right after the decode graph: their launches overlap it on the GPU);
   - overlap scheduling: step N+1 is scheduled and launched before step N's sampled tokens are read
     (see SGLEngine.step), one host sync per step;
   - each step's host-side indices go to the GPU in one pinned copy; sampling stays on the GPU.
@@ -21,9 +22,10 @@ wheel pins another torch), so it is Triton either way. Options, through BackendC
 cuda_graph=0 turns the graphs off, cuda_graph_max_bs=N caps the largest captured batch (default
 min(max_running, 512)), fused=0 turns the fused Triton kernels off (torch ops between the matmuls),
 gemv=0 keeps cuBLAS for the batch-1 decode step (else Triton GEMVs with the norms and silu*up folded in),
+prefill_graph=0 runs prompt chunks eagerly (else a CUDA graph per token-count bucket up to 2048 tokens),
 extend_kernel=0 runs prompt chunks through SDPA instead of the paged extend kernel, overlap=0 reads each
 step's tokens before scheduling the next. A server's workers read the same options from the environment
-as MINISGL_SGL_CUDA_GRAPH, MINISGL_SGL_FUSED, MINISGL_SGL_GEMV, MINISGL_SGL_EXTEND_KERNEL,
+as MINISGL_SGL_CUDA_GRAPH, MINISGL_SGL_PREFILL_GRAPH, MINISGL_SGL_FUSED, MINISGL_SGL_GEMV, MINISGL_SGL_EXTEND_KERNEL,
 MINISGL_SGL_OVERLAP (A/B runs).
 """
 
@@ -44,14 +46,17 @@ from minisgl.backends.base import StepOutput
 from minisgl.engine.engine import Engine, EngineConfig
 from minisgl.engine.request import Req, Status
 
+from minisgl.engine.cuda_graph import PrefillStep  # (cuda_graph imports no CUDA or Triton module at the top)
+
 if TYPE_CHECKING:  # the CUDA / Triton modules are imported only once a GPU is known to be there
-    from minisgl.engine.cuda_graph import GraphStep
+    from minisgl.engine.cuda_graph import GraphStep, PrefillGraphs
     from minisgl.engine.triton_attention import SGLContext
 
 log = logging.getLogger("minisgl.sgl_backend")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GRAPH_MAX_BS = 512
+PREFILL_GRAPH_MAX_TOKENS = 2048  # prompt chunks up to this many tokens a step replay a graph
 
 
 # The KV pool takes the device's free memory after the weights, less a reserve for CUDA graphs, the
@@ -112,7 +117,8 @@ class SGLEngine(Engine):
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
                  cuda_graph_max_bs: int = DEFAULT_GRAPH_MAX_BS, warm_kernels: bool = True, fused: bool = True,
-                 extend_kernel: bool = True, overlap: bool = True, gemv: bool = True) -> None:
+                 extend_kernel: bool = True, overlap: bool = True, gemv: bool = True,
+                 prefill_graphs: bool = True) -> None:
         from minisgl.engine.cuda_graph import DecodeGraphs
         from minisgl.engine.triton_attention import decode_params
         from minisgl.engine.triton_fused import install_fused
@@ -129,7 +135,8 @@ class SGLEngine(Engine):
         self.last_tok = torch.zeros(config.max_running, dtype=torch.int64, device=self.device)
         self.lm = model
         self.model = _ModelCall(self)  # type: ignore[assignment]
-        self.step_kinds = {"graph": 0, "graph+eager": 0, "eager": 0}  # forwards run each way
+        # forwards run each way
+        self.step_kinds = {"graph": 0, "graph+eager": 0, "graph+prefill graph": 0, "prefill graph": 0, "eager": 0}
         mc = model.config
         self.num_heads, self.num_kv_heads = mc.num_heads, mc.num_kv_heads
         self.group = mc.num_heads // mc.num_kv_heads
@@ -145,6 +152,13 @@ class SGLEngine(Engine):
             self.graphs = DecodeGraphs(model, self.pool, self.table, max_bs, self.num_heads, self.num_kv_heads,
                                        self.device, self.num_sms)
             self.graphs.capture()
+        self.prefill_graphs: PrefillGraphs | None = None
+        if max_bs > 0 and prefill_graphs and fused and extend_kernel:  # the graphs need the extend kernel
+            from minisgl.engine.cuda_graph import PrefillGraphs
+
+            self.prefill_graphs = PrefillGraphs(model, self.pool, self.table, self.num_heads, self.device,
+                                                max_tokens=min(PREFILL_GRAPH_MAX_TOKENS, config.chunk_size))
+            self.prefill_graphs.capture()
 
     def _warm_kernels(self) -> None:
         """Compile the decode kernel for every split count an eager (mixed) step can use, so no Triton
@@ -311,11 +325,20 @@ class SGLEngine(Engine):
             assert self.graphs is not None
             self.step_kinds["graph"] += 1
             return self.graphs.replay(ctx)
+        if isinstance(ctx, PrefillStep):
+            assert self.prefill_graphs is not None
+            self.step_kinds["prefill graph"] += 1
+            return self.prefill_graphs.replay(ctx)
         if isinstance(ctx, SplitStep):
             assert self.graphs is not None
-            self.step_kinds["graph+eager"] += 1
             decode_logits = self.graphs.replay(ctx.decode)  # queued; the GPU runs it while we launch the rest
-            prefill_logits = self.lm(ids, positions, ctx.prefill)
+            if isinstance(ctx.prefill, PrefillStep):
+                assert self.prefill_graphs is not None
+                self.step_kinds["graph+prefill graph"] += 1
+                prefill_logits = self.prefill_graphs.replay(ctx.prefill)
+            else:
+                self.step_kinds["graph+eager"] += 1
+                prefill_logits = self.lm(ids, positions, ctx.prefill)
             return torch.cat([decode_logits, prefill_logits])
         self.step_kinds["eager"] += 1
         return self.lm(ids, positions, ctx)
@@ -333,9 +356,51 @@ class SGLEngine(Engine):
                                                      [r.row for r in decode], decode_slots)
             if not chunks:
                 return ids_t, pos_t, step, list(decode)
+            graphed = self._graph_prefill(chunks)
+            if graphed is not None:
+                return ids_t, pos_t, SplitStep(step, graphed[0]), list(decode) + graphed[1]
             ids_t, pos_t, ctx, prefill_reqs = self._eager_batch([], None, chunks)
             return ids_t, pos_t, SplitStep(step, ctx), list(decode) + prefill_reqs
+        if not b and chunks:
+            graphed = self._graph_prefill(chunks)
+            if graphed is not None:
+                return None, None, graphed[0], graphed[1]
         return self._eager_batch(decode, decode_slots, chunks)
+
+    def _lay_out_chunks(self, chunks, start: int, ids: list[int], positions: list[int], logits_idx: list[int],
+                        sample_reqs: list[Req]) -> tuple[list[tuple[int, int, int, int]], list[int]]:
+        """Append the chunks' tokens after `start` others: ids, positions, the row of each prompt that
+        completes (it samples), its request; write their slots into the table. Returns the extend
+        kernel's segments (first token, length, table row, cached prefix) and the echo rows."""
+        specs: list[tuple[int, int, int, int]] = []
+        prompt_idx: list[int] = []
+        for c in chunks:
+            r, k0 = c.req, c.req.kv_len
+            ids.extend(r.all_ids[k0:k0 + c.n])
+            positions.extend(range(k0, k0 + c.n))
+            self.table[r.row, k0:k0 + c.n] = c.slots
+            specs.append((start, c.n, r.row, k0))
+            if r.scores_prompt:
+                prompt_idx += self._prompt_rows_of(r, start, k0, c.n)
+            start += c.n
+            if k0 + c.n == len(r.all_ids) and not r.warmup:  # prompt complete: sample from its last token
+                logits_idx.append(start - 1)
+                sample_reqs.append(r)
+        return specs, prompt_idx
+
+    def _graph_prefill(self, chunks) -> tuple[PrefillStep, list[Req]] | None:
+        """The step's chunks as a prefill-graph replay, when a captured bucket holds them (and no request
+        scores its prompt: echo needs every row's logits)."""
+        pg = self.prefill_graphs
+        if pg is None or not pg.fits(sum(c.n for c in chunks), len(chunks)) or any(c.req.scores_prompt for c in chunks):
+            return None
+        ids: list[int] = []
+        positions: list[int] = []
+        logits_rows: list[int] = []
+        sample_reqs: list[Req] = []
+        specs, _ = self._lay_out_chunks(chunks, 0, ids, positions, logits_rows, sample_reqs)
+        slots = torch.cat([c.slots for c in chunks]) if len(chunks) > 1 else chunks[0].slots
+        return pg.prepare(ids, positions, slots, logits_rows, specs), sample_reqs
 
     def _eager_batch(self, decode, decode_slots, chunks):
         from minisgl.engine.triton_attention import Segment, SGLContext, prefix_mask
@@ -348,26 +413,11 @@ class SGLEngine(Engine):
         rows = [r.row for r in decode]
         positions = list(pos)
         logits_idx = list(range(b))
-        prompt_idx: list[int] = []  # echo rows, after every sampled row (Engine._run splits them off)
         sample_reqs = list(decode)
-        write = [decode_slots] if b else []
-        specs = []
-        start = b
-        for c in chunks:
-            r, k0 = c.req, c.req.kv_len
-            ids.extend(r.all_ids[k0:k0 + c.n])
-            positions.extend(range(k0, k0 + c.n))
-            self.table[r.row, k0:k0 + c.n] = c.slots
-            write.append(c.slots)
-            specs.append((start, c.n, r.row, k0))
-            if r.scores_prompt:
-                prompt_idx += self._prompt_rows_of(r, start, k0, c.n)
-            start += c.n
-            if k0 + c.n == len(r.all_ids) and not r.warmup:  # prompt complete: sample from its last token
-                logits_idx.append(start - 1)
-                sample_reqs.append(r)
-        logits_idx += prompt_idx
-        total, eb = start, _even(b)
+        write = ([decode_slots] if b else []) + [c.slots for c in chunks]
+        specs, prompt_idx = self._lay_out_chunks(chunks, b, ids, positions, logits_idx, sample_reqs)
+        logits_idx += prompt_idx  # echo rows, after every sampled row (Engine._run splits them off)
+        total, eb = len(ids), _even(b)
         meta: list[int] = []
         blocks = segs = 0
         if specs and self.extend_kernel:
@@ -456,22 +506,24 @@ class SGLBackend(EngineBackend):
         extend = not switched_off(option(config, "extend_kernel", "1"))
         overlap = not switched_off(option(config, "overlap", "1"))
         gemv = not switched_off(option(config, "gemv", "1"))
+        prefill_graphs = graphs_on and not switched_off(option(config, "prefill_graph", "1"))
         self.engine = SGLEngine(model, EngineConfig(
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
             kv_tokens=kv_tokens, max_context_len=max_len, max_running=config.max_running,
             chunk_size=config.chunk_size, narrate=config.narrate, seed=config.seed), device, dtype, max_bs,
-            fused=fused, extend_kernel=extend, overlap=overlap, gemv=gemv)
-        g = self.engine.graphs
+            fused=fused, extend_kernel=extend, overlap=overlap, gemv=gemv, prefill_graphs=prefill_graphs)
+        g, pg = self.engine.graphs, self.engine.prefill_graphs
         log.info("sgl backend: %s on %s (%s, %s), KV pool %d tokens (%.2f GiB%s), context %d, max running %d, "
-                 "chunk %d, fused kernels %s, extend kernel %s, overlap %s, decode graphs %s",
+                 "chunk %d, fused kernels %s, extend kernel %s, overlap %s, decode graphs %s, prefill graphs %s",
                  mc.architecture, device, torch.cuda.get_device_name(device), dtype, kv_tokens,
                  self.engine.pool.nbytes() / 2**30, "" if config.kv_cache_tokens else ", from free memory",
                  self.engine.max_context_len, config.max_running, config.chunk_size,
                  f"on ({self.engine.fused_modules} modules{', batch-1 GEMVs' if gemv else ''})" if fused else "off",
                  "on" if extend else "off",
                  "on" if overlap else "off",
-                 f"up to batch {g.max_bs} ({len(g.sizes)} sizes, {g.capture_s:.1f}s)" if g else "off")
+                 f"up to batch {g.max_bs} ({len(g.sizes)} sizes, {g.capture_s:.1f}s)" if g else "off",
+                 f"up to {pg.max_tokens} tokens ({len(pg.buckets)} sizes, {pg.capture_s:.1f}s)" if pg else "off")
 
     def shutdown(self) -> None:
-        self.engine.graphs = None
+        self.engine.graphs = self.engine.prefill_graphs = None
         torch.cuda.synchronize()
