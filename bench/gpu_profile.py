@@ -151,6 +151,8 @@ def decode_steps(model_dir: Path, batches: tuple[int, ...], variant: str, extra:
         torch.cuda.synchronize()
         one.append(128 / (time.perf_counter() - t))
     out["one_stream_tok_s"] = one
+    out["step_kinds"] = dict(be.engine.step_kinds)
+    print(f"step kinds: {out['step_kinds']}", flush=True)
     print(f"one stream in-process (44-token prompt, 128 tokens): {[round(x) for x in one]} tok/s", flush=True)
     RESULTS.setdefault("steps", {})[variant] = out
     free(be)

@@ -510,6 +510,7 @@ def main() -> int:
     p.add_argument("--conc-per-client", type=int, default=32, help="streams per client process at most [32]")
     p.add_argument("--max-clients", type=int, default=8, help="client processes per level at most [8]")
     p.add_argument("--backend", default="sgl", help="the served backend (sgl; torch only to try the plumbing on a CPU)")
+    p.add_argument("--serve-env", default="", help="KEY=VALUE,... set for the serve stage's server (A/B runs)")
     p.add_argument("--publish", default=None, help="also copy the report (after every stage) and the tarball here")
     p.add_argument("--commit", default=None, help="recorded in the report (default: git rev-parse)")
     args = p.parse_args()
@@ -519,6 +520,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
+    serve_env = dict(kv.split("=", 1) for kv in args.serve_env.split(",") if kv)
     RESULTS.update(command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), commit=args.commit or git_commit(),
                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")
@@ -529,7 +531,7 @@ def main() -> int:
     say(f"{RESULTS['device']}, torch {torch.__version__}, model folder {dummy} (vocab {VOCAB}, bos/eos/pad {BOS}/{EOS}/{PAD})")
     stages: list[tuple[str, Callable[[], None]]] = [
         ("kernels", check_kernels), ("greedy", lambda: check_greedy(dummy)), ("steps", lambda: time_steps(dummy)),
-        ("serve", lambda: serve_sweep(dummy, args, out)),
+        ("serve", lambda: serve_sweep(dummy, args, out, env_extra=serve_env)),
         ("serve_sync", lambda: serve_sweep(dummy, args, out, "serve_sync", {"MINISGL_SGL_OVERLAP": "0"}, ["short"],
                                            [1, 256])),
         ("hf", lambda: hf_compare(weights, args, out)),

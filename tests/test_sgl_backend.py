@@ -241,7 +241,79 @@ def test_graph_decode_path_matches_torch_engine(tmp_path) -> None:
     assert got == want
     assert [len(got[str(i)]) for i in range(6)] == list(max_new)
     assert (4, 3) in RerunGraphs.replays and (1, 1) in RerunGraphs.replays  # padded and exact replays
-    assert all(sgl.step_kinds.values()), sgl.step_kinds  # decode-only, mixed (split) and eager steps
+    kinds = sgl.step_kinds  # decode-only, mixed (split) and eager steps; no prefill graphs captured here
+    assert kinds["graph"] and kinds["graph+eager"] and kinds["eager"], kinds
+
+
+@needs_triton
+def test_prefill_graph_path_matches_torch_engine(tmp_path) -> None:
+    """Prompt chunks through prefill 'graphs' (re-run models, as above) padded to their token bucket,
+    with the extend kernel's grid fixed per bucket and unused blocks sent to the empty segment: alone and
+    after a decode graph in mixed steps, with cached prefixes (a repeated prompt) and chunks too big for
+    any bucket (eager): the torch engine's greedy tokens."""
+    transformers = pytest.importorskip("transformers")
+    from minisgl.engine.cuda.engine import SGLEngine
+    from minisgl.engine.cuda.graph import DecodeGraphs, PrefillGraphs
+    from minisgl.engine import Engine, EngineConfig
+    from minisgl.messages import SamplingParams, TokenizedReq
+    from minisgl.models import load_model
+
+    class RerunDecode(DecodeGraphs):
+        def _capture_one(self, ids, positions, ctx, mempool):
+            logits = self.model(ids, positions, ctx)
+            return _ReplayByRerun(lambda: self.model(ids, positions, ctx), logits), logits
+
+    class RerunPrefill(PrefillGraphs):
+        replays: dict[int, int] = {}
+
+        def _capture_one(self, ids, positions, ctx, mempool):
+            logits = self.model(ids, positions, ctx)
+            return _ReplayByRerun(lambda: self.model(ids, positions, ctx), logits), logits
+
+        def replay(self, step):
+            self.replays[step.tokens] = self.replays.get(step.tokens, 0) + 1
+            return super().replay(step)
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(**TINY_QWEN3)
+    cfg.architectures = ["Qwen3ForCausalLM"]
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    model = load_model(tmp_path, device=DEVICE, dtype=torch.float32)
+    mc = model.config
+    ecfg = EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+                        kv_tokens=400, max_model_len=96, max_running=4, chunk_size=40)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (5, 23, 70, 11)]
+    prompts.append(prompts[2][:50] + prompts[1])  # a cached 50-token prefix, then new tokens
+
+    def run(engine) -> dict[str, list[int]]:
+        tokens: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            engine.add_request(TokenizedReq(rid=str(i), input_ids=p, arrival=0.0,
+                                            params=SamplingParams(max_new_tokens=6 + i, ignore_eos=True)))
+            if i == 0:  # the first prompt alone: a step of prefill only
+                for item in engine.step().outputs:
+                    tokens.setdefault(item.rid, []).extend(item.token_ids)
+        while engine.has_work():
+            for item in engine.step().outputs:
+                tokens.setdefault(item.rid, []).extend(item.token_ids)
+        return tokens
+
+    want = run(Engine(model, ecfg, torch.device(DEVICE), torch.float32))
+    sgl = SGLEngine(model, ecfg, torch.device(DEVICE), torch.float32, cuda_graph_max_bs=0, warm_kernels=False)
+    sgl.graphs = RerunDecode(model, sgl.pool, sgl.table, 4, mc.num_heads, mc.num_kv_heads, sgl.device, num_sms=4)
+    sgl.graphs.capture()
+    # buckets 16 and 32 only: a 40-token chunk is eager; at most 2 chunks a graph
+    sgl.prefill_graphs = RerunPrefill(model, sgl.pool, sgl.table, mc.num_heads, sgl.device, max_tokens=32,
+                                      max_segments=2)
+    sgl.prefill_graphs.capture()
+    assert sorted(sgl.prefill_graphs.graphs) == [16, 32]
+    got = run(sgl)
+    assert got == want
+    assert [len(got[str(i)]) for i in range(5)] == [6 + i for i in range(5)]
+    kinds = sgl.step_kinds
+    assert kinds["prefill graph"] and kinds["graph+prefill graph"] and kinds["graph+eager"], kinds
+    assert set(RerunPrefill.replays) == {16, 32}, RerunPrefill.replays
 
 
 # ---------------------------------------------------------------- the fused kernels (engine/cuda/triton_fused.py)

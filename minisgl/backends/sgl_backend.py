@@ -7,9 +7,10 @@ wheel pins another torch), so it is Triton either way. Options, through BackendC
 cuda_graph=0 turns the graphs off, cuda_graph_max_bs=N caps the largest captured batch (default
 min(max_running, 512)), fused=0 turns the fused Triton kernels off (torch ops between the matmuls),
 gemv=0 keeps cuBLAS for the batch-1 decode step (else Triton GEMVs with the norms and silu*up folded in),
+prefill_graph=0 runs prompt chunks eagerly (else a CUDA graph per token-count bucket up to 2048 tokens),
 extend_kernel=0 runs prompt chunks through SDPA instead of the paged extend kernel, overlap=0 reads each
 step's tokens before scheduling the next. A server's workers read the same options from the environment
-as MINISGL_SGL_CUDA_GRAPH, MINISGL_SGL_FUSED, MINISGL_SGL_GEMV, MINISGL_SGL_EXTEND_KERNEL,
+as MINISGL_SGL_CUDA_GRAPH, MINISGL_SGL_PREFILL_GRAPH, MINISGL_SGL_FUSED, MINISGL_SGL_GEMV, MINISGL_SGL_EXTEND_KERNEL,
 MINISGL_SGL_OVERLAP (A/B runs).
 """
 
@@ -96,19 +97,21 @@ class SGLBackend(EngineBackend):
         extend = not switched_off(option(config, "extend_kernel", "1"))
         overlap = not switched_off(option(config, "overlap", "1"))
         gemv = not switched_off(option(config, "gemv", "1"))
+        prefill_graphs = graphs_on and not switched_off(option(config, "prefill_graph", "1"))
         self.engine = SGLEngine(model, ecfg, device, dtype, max_bs, fused=fused, extend_kernel=extend, overlap=overlap,
-                                gemv=gemv)
-        g = self.engine.graphs
+                                gemv=gemv, prefill_graphs=prefill_graphs)
+        g, pg = self.engine.graphs, self.engine.prefill_graphs
         log.info("sgl backend: %s on %s (%s, %s), KV pool %d tokens (%.2f GiB%s), context %d, max running %d, "
-                 "chunk %d, fused kernels %s, extend kernel %s, overlap %s, decode graphs %s",
+                 "chunk %d, fused kernels %s, extend kernel %s, overlap %s, decode graphs %s, prefill graphs %s",
                  mc.architecture, device, torch.cuda.get_device_name(device), dtype, kv_tokens,
                  self.engine.pool.nbytes() / 2**30, "" if config.kv_cache_tokens else ", from free memory",
                  self.engine.max_context_len, config.max_running, config.chunk_size,
                  f"on ({self.engine.fused_modules} modules{', batch-1 GEMVs' if gemv else ''})" if fused else "off",
                  "on" if extend else "off",
                  "on" if overlap else "off",
-                 f"up to batch {g.max_bs} ({len(g.sizes)} sizes, {g.capture_s:.1f}s)" if g else "off")
+                 f"up to batch {g.max_bs} ({len(g.sizes)} sizes, {g.capture_s:.1f}s)" if g else "off",
+                 f"up to {pg.max_tokens} tokens ({len(pg.buckets)} sizes, {pg.capture_s:.1f}s)" if pg else "off")
 
     def shutdown(self) -> None:
-        self.engine.graphs = None
+        self.engine.graphs = self.engine.prefill_graphs = None
         torch.cuda.synchronize()

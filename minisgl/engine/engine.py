@@ -331,27 +331,23 @@ class Engine:
         table, and build every index the attention needs, once for all layers."""
         dev = self.device
         ids: list[int] = [r.all_ids[-1] for r in decode]
-        write: list[torch.Tensor] = []
-        positions: list[torch.Tensor] = []
+        positions: list[int] = [r.kv_len for r in decode]
         b = len(decode)
         table_dec = lens_dec = None
         if b:
             assert decode_slots is not None
             rows = torch.tensor([r.row for r in decode], device=dev)
-            pos_list = [r.kv_len for r in decode]
-            pos = torch.tensor(pos_list, device=dev)
+            pos = torch.tensor(positions, device=dev)
             self.table[rows, pos] = decode_slots
             lens_dec = pos + 1
-            table_dec = self.table[rows, : max(pos_list) + 1]
-            write.append(decode_slots)
-            positions.append(pos)
+            table_dec = self.table[rows, : max(positions) + 1]
         logits_idx = list(range(b))
         sample_reqs = list(decode)
-        specs = self._lay_out_chunks(chunks, b, ids, logits_idx, sample_reqs)
-        write += [c.slots for c in chunks]
+        specs, prompt_idx = self._lay_out_chunks(chunks, b, ids, positions, logits_idx, sample_reqs)
+        logits_idx += prompt_idx  # echo rows, after every sampled row (_run splits them off)
+        write = ([decode_slots] if b else []) + [c.slots for c in chunks]
         segments: list[PrefillSegment] = []
         for (start, n, row, k0), c in zip(specs, chunks):
-            positions.append(torch.arange(k0, k0 + n, device=dev))
             if k0:  # part of the sequence is in the pool already: attend over it, causal with an offset
                 segments.append(PrefillSegment(start, start + n, self.table[row, :k0 + n],
                                                prefix_causal_mask(k0, n, self.pool.dtype, dev)))
@@ -360,18 +356,22 @@ class Engine:
         ctx = PagedAttention(self.pool, torch.cat(write) if len(write) > 1 else write[0],
                              torch.tensor(logits_idx, dtype=torch.int64, device=dev), b, table_dec,
                              lens_dec, segments)
-        return torch.tensor(ids, dtype=torch.int64, device=dev), torch.cat(positions), ctx, sample_reqs
+        return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int64, device=dev),
+                ctx, sample_reqs)
 
-    def _lay_out_chunks(self, chunks: list[_Chunk], start: int, ids: list[int], logits_idx: list[int],
-                        sample_reqs: list[Req]) -> list[tuple[int, int, int, int]]:
-        """The prompt chunks' part of a step's flat layout, after `start` decode tokens: their ids, their
-        slots in the table, the rows to sample (a chunk that completes its prompt) and, after those, the
-        echo rows to score. Returns (first row, tokens, table row, tokens before it) per chunk."""
+    def _lay_out_chunks(self, chunks: list[_Chunk], start: int, ids: list[int], positions: list[int],
+                        logits_idx: list[int], sample_reqs: list[Req]
+                        ) -> tuple[list[tuple[int, int, int, int]], list[int]]:
+        """The one chunk-layout loop (this engine's and the CUDA engine's batches): append the chunks'
+        tokens after `start` others (ids, positions), write their slots into the table, and add the row
+        of each prompt that completes (it samples) and its request. Returns (first row, tokens, table
+        row, tokens before it) per chunk, and the echo rows to score (for after every sampled row)."""
         specs: list[tuple[int, int, int, int]] = []
-        prompt_idx: list[int] = []  # echo rows go after every sampled row (_run splits them off)
+        prompt_idx: list[int] = []
         for c in chunks:
             r, k0 = c.req, c.req.kv_len
             ids.extend(r.all_ids[k0:k0 + c.n])
+            positions.extend(range(k0, k0 + c.n))
             self.table[r.row, k0:k0 + c.n] = c.slots
             specs.append((start, c.n, r.row, k0))
             if r.scores_prompt:
@@ -380,8 +380,7 @@ class Engine:
             if k0 + c.n == len(r.all_ids) and not r.warmup:  # prompt complete: sample from its last token
                 logits_idx.append(start - 1)
                 sample_reqs.append(r)
-        logits_idx += prompt_idx
-        return specs
+        return specs, prompt_idx
 
     def _narrate(self, decode: list[Req], chunks: list[_Chunk], seconds: float) -> None:
         ms = seconds * 1000

@@ -11,8 +11,9 @@ What differs from the portable Engine (same scheduling, radix cache, sampling):
     swapped into the model's modules at load; at batch 1 the matmuls themselves are Triton GEMVs with the
     norms and silu*up folded in (`minisgl/engine/cuda/triton_gemv.py`);
   - decode tokens run in a CUDA graph of the whole forward, captured per batch size and padded up to
-    the next one (`minisgl/engine/cuda/graph.py`); a mixed step replays the graph for its decode
-    tokens and runs its prefill chunks eagerly right after (their launches overlap the graph on the GPU);
+    the next one (`minisgl/engine/cuda/graph.py`); the prompt chunks of a step (up to 2048 tokens) replay a
+    prefill graph captured per token-count bucket, so a mixed step is two graph replays (longer chunks run
+    eagerly right after the decode graph: their launches overlap it on the GPU);
   - overlap scheduling: step N+1 is scheduled and launched before step N's sampled tokens are read
     (see SGLEngine.step), one host sync per step;
   - each step's host-side indices go to the GPU in one pinned copy; sampling stays on the GPU.
@@ -27,15 +28,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from minisgl.engine.config import EngineConfig
+from minisgl.engine.cuda.graph import PrefillStep  # (graph.py imports no CUDA or Triton module at the top)
 from minisgl.engine.engine import Engine
 from minisgl.engine.output import StepOutput
 from minisgl.engine.request import Req, Status
 
 if TYPE_CHECKING:  # the CUDA / Triton modules are imported only once a GPU is known to be there
-    from minisgl.engine.cuda.graph import GraphStep
+    from minisgl.engine.cuda.graph import GraphStep, PrefillGraphs
     from minisgl.engine.cuda.triton_attention import SGLContext
 
 DEFAULT_GRAPH_MAX_BS = 512
+PREFILL_GRAPH_MAX_TOKENS = 2048  # prompt chunks up to this many tokens a step replay a graph
 
 
 class SGLEngine(Engine):
@@ -43,7 +46,8 @@ class SGLEngine(Engine):
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
                  cuda_graph_max_bs: int = DEFAULT_GRAPH_MAX_BS, warm_kernels: bool = True, fused: bool = True,
-                 extend_kernel: bool = True, overlap: bool = True, gemv: bool = True) -> None:
+                 extend_kernel: bool = True, overlap: bool = True, gemv: bool = True,
+                 prefill_graphs: bool = True) -> None:
         from minisgl.engine.cuda.graph import DecodeGraphs
         from minisgl.engine.cuda.triton_attention import decode_params
         from minisgl.engine.cuda.triton_fused import install_fused
@@ -58,7 +62,8 @@ class SGLEngine(Engine):
         self._unresolved: dict[str, int] = {}  # rid -> index in all_ids of its token still on the GPU
         # each table row's newest sampled token, on the device: the next decode's input id
         self.last_tok = torch.zeros(config.max_running, dtype=torch.int64, device=self.device)
-        self.step_kinds = {"graph": 0, "graph+eager": 0, "eager": 0}  # forwards run each way
+        # forwards run each way
+        self.step_kinds = {"graph": 0, "graph+eager": 0, "graph+prefill graph": 0, "prefill graph": 0, "eager": 0}
         mc = model.config
         self.num_heads, self.num_kv_heads = mc.num_heads, mc.num_kv_heads
         self.group = mc.num_heads // mc.num_kv_heads
@@ -74,6 +79,13 @@ class SGLEngine(Engine):
             self.graphs = DecodeGraphs(model, self.pool, self.table, max_bs, self.num_heads, self.num_kv_heads,
                                        self.device, self.num_sms)
             self.graphs.capture()
+        self.prefill_graphs: PrefillGraphs | None = None
+        if max_bs > 0 and prefill_graphs and fused and extend_kernel:  # the graphs need the extend kernel
+            from minisgl.engine.cuda.graph import PrefillGraphs
+
+            self.prefill_graphs = PrefillGraphs(model, self.pool, self.table, self.num_heads, self.device,
+                                                max_tokens=min(PREFILL_GRAPH_MAX_TOKENS, config.chunk_size))
+            self.prefill_graphs.capture()
 
     def _warm_kernels(self) -> None:
         """Compile the decode kernel for every split count an eager (mixed) step can use, so no Triton
@@ -133,7 +145,7 @@ class SGLEngine(Engine):
         if prev is not None:
             self._resolve(prev, out)
         out.finished, self._finished = self._finished, []
-        out.cache_inserted, out.cache_evicted, out.cache_extended = self.kv.drain_logs()
+        out.cache_inserted, out.cache_evicted = self.kv.drain_logs()
         return out
 
     def _step_in_sync(self) -> StepOutput:
@@ -235,18 +247,28 @@ class SGLEngine(Engine):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:  # noqa: ANN001
         """Engine.forward, chosen by the step's context: a decode-only step replays its CUDA graph, a
-        mixed one replays the graph and runs the prefill chunks eagerly, anything else runs eagerly."""
+        prompt-only one its prefill graph, a mixed one both (or the decode graph and the prefill chunks
+        eagerly), anything else runs eagerly."""
         from minisgl.engine.cuda.graph import GraphStep
 
         if isinstance(ctx, GraphStep):
             assert self.graphs is not None
             self.step_kinds["graph"] += 1
             return self.graphs.replay(ctx)
+        if isinstance(ctx, PrefillStep):
+            assert self.prefill_graphs is not None
+            self.step_kinds["prefill graph"] += 1
+            return self.prefill_graphs.replay(ctx)
         if isinstance(ctx, SplitStep):
             assert self.graphs is not None
-            self.step_kinds["graph+eager"] += 1
             decode_logits = self.graphs.replay(ctx.decode)  # queued; the GPU runs it while we launch the rest
-            prefill_logits = self.model(ids, positions, ctx.prefill)
+            if isinstance(ctx.prefill, PrefillStep):
+                assert self.prefill_graphs is not None
+                self.step_kinds["graph+prefill graph"] += 1
+                prefill_logits = self.prefill_graphs.replay(ctx.prefill)
+            else:
+                self.step_kinds["graph+eager"] += 1
+                prefill_logits = self.model(ids, positions, ctx.prefill)
             return torch.cat([decode_logits, prefill_logits])
         self.step_kinds["eager"] += 1
         return self.model(ids, positions, ctx)
@@ -264,9 +286,30 @@ class SGLEngine(Engine):
                                                      [r.row for r in decode], decode_slots)
             if not chunks:
                 return ids_t, pos_t, step, list(decode)
+            graphed = self._graph_prefill(chunks)
+            if graphed is not None:
+                return ids_t, pos_t, SplitStep(step, graphed[0]), list(decode) + graphed[1]
             ids_t, pos_t, ctx, prefill_reqs = self._eager_batch([], None, chunks)
             return ids_t, pos_t, SplitStep(step, ctx), list(decode) + prefill_reqs
+        if not b and chunks:
+            graphed = self._graph_prefill(chunks)
+            if graphed is not None:
+                return None, None, graphed[0], graphed[1]
         return self._eager_batch(decode, decode_slots, chunks)
+
+    def _graph_prefill(self, chunks) -> tuple[PrefillStep, list[Req]] | None:
+        """The step's chunks as a prefill-graph replay, when a captured bucket holds them (and no request
+        scores its prompt: echo needs every row's logits)."""
+        pg = self.prefill_graphs
+        if pg is None or not pg.fits(sum(c.n for c in chunks), len(chunks)) or any(c.req.scores_prompt for c in chunks):
+            return None
+        ids: list[int] = []
+        positions: list[int] = []
+        logits_rows: list[int] = []
+        sample_reqs: list[Req] = []
+        specs, _ = self._lay_out_chunks(chunks, 0, ids, positions, logits_rows, sample_reqs)
+        slots = torch.cat([c.slots for c in chunks]) if len(chunks) > 1 else chunks[0].slots
+        return pg.prepare(ids, positions, slots, logits_rows, specs), sample_reqs
 
     def _eager_batch(self, decode, decode_slots, chunks):
         from minisgl.engine.cuda.triton_attention import Segment, SGLContext, prefix_mask
@@ -280,11 +323,10 @@ class SGLEngine(Engine):
         positions = list(pos)
         logits_idx = list(range(b))
         sample_reqs = list(decode)
-        specs = self._lay_out_chunks(chunks, b, ids, logits_idx, sample_reqs)
         write = ([decode_slots] if b else []) + [c.slots for c in chunks]
-        for _, n, _, k0 in specs:
-            positions.extend(range(k0, k0 + n))
-        total, eb = b + sum(c.n for c in chunks), _even(b)
+        specs, prompt_idx = self._lay_out_chunks(chunks, b, ids, positions, logits_idx, sample_reqs)
+        logits_idx += prompt_idx  # echo rows, after every sampled row (Engine._run splits them off)
+        total, eb = len(ids), _even(b)
         meta: list[int] = []
         blocks = segs = 0
         if specs and self.extend_kernel:

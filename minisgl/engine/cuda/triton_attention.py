@@ -229,7 +229,7 @@ class SGLContext:
     def __init__(self, pool: KVPool, write_slots: torch.Tensor, logits_indices: torch.Tensor, num_decode: int,
                  table: torch.Tensor, rows: torch.Tensor | None, seq_lens: torch.Tensor | None,
                  segments: list[Segment], num_splits: int = 1, num_heads: int = 0, block_n: int = BLOCK_N,
-                 extend: tuple[torch.Tensor, int, int] | None = None) -> None:
+                 extend: tuple[torch.Tensor, int, int] | None = None, zero_pad: bool = False) -> None:
         self.pool = pool
         self.write_slots = write_slots
         self.logits_indices = logits_indices
@@ -242,6 +242,9 @@ class SGLContext:
         self.block_n = block_n
         # (meta, query blocks, segments) of triton_fused.extend_attention: every prompt chunk in one launch
         self.extend = extend
+        # a padded CUDA graph: rows no query block covers get a zero attention output (finite values for
+        # the padded tokens, whose K/V go to the scratch slot 0, which padded reads see)
+        self.zero_pad = zero_pad
         self.scratch: DecodeScratch | None = None
         if num_decode and num_heads:
             self.scratch = DecodeScratch(num_decode, num_heads, pool.k.shape[-1], num_splits, pool.device)
@@ -270,7 +273,7 @@ class SGLContext:
         from minisgl.engine.cuda.triton_fused import extend_attention
 
         assert self.extend is not None
-        out = torch.empty_like(q)
+        out = torch.zeros_like(q) if self.zero_pad else torch.empty_like(q)
         if self.num_decode:
             self._decode(k_pool, v_pool, q[:self.num_decode], out[:self.num_decode])
         meta, blocks, segs = self.extend

@@ -183,7 +183,9 @@ EXTEND_BLOCK_M = 64
 EXTEND_BLOCK_N = 64
 
 
-@triton.jit
+# The block and segment counts change every step: specializing on them (Triton compiles a variant when an
+# int is 1 or a multiple of 16) stalled a step for ~1 s the first time each case came up.
+@triton.jit(do_not_specialize=["num_blocks", "num_segs"])
 def _extend_kernel(Q, K, V, O, Table, Meta, num_blocks, num_segs,
                    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_tr,
                    qk_scale,
