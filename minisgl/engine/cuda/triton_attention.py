@@ -230,16 +230,9 @@ class SGLContext:
                  table: torch.Tensor, rows: torch.Tensor | None, seq_lens: torch.Tensor | None,
                  segments: list[Segment], num_splits: int = 1, num_heads: int = 0, block_n: int = BLOCK_N,
                  extend: tuple[torch.Tensor, int, int] | None = None, zero_pad: bool = False) -> None:
-        self.pool = pool
-        self.write_slots = write_slots
-        self.logits_indices = logits_indices
-        self.num_decode = num_decode
-        self.table = table
-        self.rows = rows
-        self.seq_lens = seq_lens
-        self.segments = segments
-        self.num_splits = num_splits
-        self.block_n = block_n
+        self.pool, self.write_slots, self.logits_indices = pool, write_slots, logits_indices
+        self.num_decode, self.table, self.rows, self.seq_lens = num_decode, table, rows, seq_lens
+        self.segments, self.num_splits, self.block_n = segments, num_splits, block_n
         # (meta, query blocks, segments) of triton_fused.extend_attention: every prompt chunk in one launch
         self.extend = extend
         # a padded CUDA graph: rows no query block covers get a zero attention output (finite values for
