@@ -145,7 +145,7 @@ class SGLEngine(Engine):
         if prev is not None:
             self._resolve(prev, out)
         out.finished, self._finished = self._finished, []
-        out.cache_inserted, out.cache_evicted = self.kv.drain_logs()
+        out.cache_inserted, out.cache_evicted, out.cache_extended = self.kv.drain_logs()
         return out
 
     def _step_in_sync(self) -> StepOutput:
