@@ -44,8 +44,8 @@ def launcher_alive(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # no /proc (macOS): the pid exists, trust it
-    # launch.py, `mini-sglang serve`, `python -m minisgl serve`
-    return any(mark in cmdline for mark in (b"launch.py", b"mini-sglang", b"minisgl"))
+    # launch.py, `mini-sglang serve`, `python -m minisgl serve` (arguments are NUL-separated)
+    return any(mark in cmdline for mark in (b"launch.py", b"mini-sglang\0serve", b"minisgl\0serve"))
 
 
 def find_control_endpoint(port: int) -> str:

@@ -98,6 +98,9 @@ def test_mini_sglang_serve_from_the_wheel_answers(installed: Path, tmp_path: Pat
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["text"].strip() and body["usage"]["completion_tokens"] > 0, body
+        # the control channel through the installed command (it finds this launcher by its command line)
+        ctl = _run([str(installed / "mini-sglang"), "ctl", "--port", str(port), "health"], cwd=tmp_path, env=_clean_env())
+        assert '"ok": true' in ctl.stdout, ctl.stdout
         # the children run the installed copy too: its interpreter, nothing of the checkout on their path
         children = psutil.Process(proc.pid).children(recursive=True)
         assert any("procs.worker" in c.cmdline() for c in children)
