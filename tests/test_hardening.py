@@ -139,3 +139,33 @@ def test_supervisor_restarts_any_process_then_gives_up(tmp_path) -> None:  # noq
         assert not sup.on_death(tokenizer, -9, 105.0)  # sixth death within 60 s: stop the tree
     finally:
         sup.ctx.destroy(linger=0)
+
+
+def test_stream_coalesces_what_queued_up() -> None:
+    """A stream that wakes to several queued deltas of one choice writes them as one item (same text
+    and logprobs; a final item keeps its finish fields), and never merges across choices or past a
+    final item."""
+    import asyncio
+
+    from minisgl.gateway.app import Stream, coalesce
+    from minisgl.messages import TextOut, TokenLogprob
+
+    lp = [TokenLogprob(token=t, logprob=-1.0) for t in "abc"]
+    items = [TextOut(rid="a", text="He", logprobs=lp[:1]), TextOut(rid="a", text="ll", logprobs=lp[1:2]),
+             TextOut(rid="b", text="x"), TextOut(rid="a", text="o", logprobs=lp[2:], finish_reason="stop", worker_id=3),
+             TextOut(rid="a", text="late")]
+    out = coalesce(items)
+    assert [(o.rid, o.text) for o in out] == [("a", "Hell"), ("b", "x"), ("a", "o"), ("a", "late")]
+    assert [e.token for e in out[0].logprobs] == ["a", "b"]
+    assert coalesce(items[:2] + items[3:4])[0].finish_reason == "stop"
+    merged = coalesce([items[0], items[1], items[3]])
+    assert len(merged) == 1 and merged[0].text == "Hello" and merged[0].worker_id == 3
+    assert [e.token for e in merged[0].logprobs] == ["a", "b", "c"]
+
+    async def drain() -> list[str]:
+        stream = Stream("a", asyncio.Queue(), 0.0, choices=["a"])
+        for item in items[:2]:
+            stream.queue.put_nowait(item)
+        return [i.text for i in stream.drain()] + [str(stream.queue.qsize())]
+
+    assert asyncio.run(drain()) == ["He", "ll", "0"]

@@ -90,6 +90,15 @@ class Stream:
         self._book(item)
         return item
 
+    def drain(self) -> list[TextOut]:
+        """Every item already queued, without waiting."""
+        items = []
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            self._book(item)
+            items.append(item)
+        return items
+
     async def next_or_gone(self, request: Request, poll_s: float = 0.5) -> TextOut | None:
         """The next item, or None once the client has disconnected (checked every poll_s, whether
         items keep coming or not)."""
@@ -135,6 +144,25 @@ class ChoiceResult:
         self.prompt_logprobs = self.prompt_logprobs or item.prompt_logprobs
         if item.finish_reason is not None:
             self.last = item
+
+
+_JSON = msgspec.json.Encoder()
+
+
+def coalesce(items: list[TextOut]) -> list[TextOut]:
+    """Back-to-back items of one choice as one: a stream that fell behind (its queue holds several
+    steps' deltas when it wakes) writes one event for all of them instead of one per token, so the
+    gateway's work per token falls as its load rises. Same text, logprobs and final fields."""
+    out: list[TextOut] = []
+    for item in items:
+        last = out[-1] if out else None
+        if last is not None and last.rid == item.rid and last.finish_reason is None and last.error is None:
+            item = msgspec.structs.replace(item, text=last.text + item.text, logprobs=last.logprobs + item.logprobs,
+                                           prompt_logprobs=last.prompt_logprobs or item.prompt_logprobs)
+            out[-1] = item
+        else:
+            out.append(item)
+    return out
 
 
 def merged_usage(lasts: list[TextOut]) -> Usage | None:
@@ -348,10 +376,13 @@ class Gateway:
     async def _stream_body(self, stream: Stream, first: TextOut, fmt: Formatter, tail: list[str]) -> AsyncIterator[str]:
         item: TextOut | None = first
         while item is not None:
-            if self.cfg.narrate and item.text:
-                log.info("stream rid=%s chunk %r", stream.rid[:8], item.text)
-            for chunk in fmt(item):
-                yield chunk
+            chunks: list[str] = []
+            for it in coalesce([item, *stream.drain()]):  # all that queued up: one write
+                if self.cfg.narrate and it.text:
+                    log.info("stream rid=%s chunk %r", stream.rid[:8], it.text)
+                chunks += fmt(it)
+            if chunks:
+                yield "".join(chunks)
             item = None if stream.done else await stream.next()
         for chunk in tail:
             yield chunk
@@ -408,10 +439,10 @@ class Gateway:
             def fmt(item: TextOut) -> list[str]:
                 lines = []
                 if item.text:
-                    lines.append(json.dumps({"text_delta": item.text}) + "\n")
+                    lines.append(_JSON.encode({"text_delta": item.text}).decode() + "\n")
                 if item.finish_reason is not None:
                     self.finish(stream, item)
-                    lines.append(json.dumps(self._done_event(item)) + "\n")
+                    lines.append(_JSON.encode(self._done_event(item)).decode() + "\n")
                 return lines
             return fmt
 
@@ -441,7 +472,7 @@ class Gateway:
         return None if reason is None else ("length" if reason == "length" else "stop")
 
     def _sse(self, obj: dict) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
+        return f"data: {_JSON.encode(obj).decode()}\n\n"  # msgspec: ~4x json.dumps, on every token
 
     def _openai_stream(self, chat: bool) -> Callable[[Stream, ParsedRequest], Formatter]:
         obj = "chat.completion.chunk" if chat else "text_completion"
