@@ -269,9 +269,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from minisgl.backends.base import BackendConfig
-    from minisgl.backends.base import create_backend
-from minisgl.backend_registry import default_backend_name
+    from minisgl.backend_registry import default_backend_name
+    from minisgl.backends.base import BackendConfig, create_backend
     from minisgl.models.weights import load_config
 
     model_dir, load_format = resolve_model(args)
