@@ -13,7 +13,6 @@ import os
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated
 
 import msgspec
