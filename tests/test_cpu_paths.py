@@ -456,3 +456,35 @@ def test_amx_path_answers(model_dir: Path, eos, prompts, expected, tok) -> None:
     same = sum(col.tokens[str(i)] == want for i, want in enumerate(expected))
     assert same >= len(expected) - 2, [(col.tokens[str(i)], want) for i, want in enumerate(expected)]
     assert "Paris" in tok.decode(col.tokens["0"])
+
+
+@pytest.mark.parametrize("isa,dot", VECTOR_RUNS)
+def test_whole_decode_steps_equal_the_kernel_per_op_loop(model_dir: Path, eos, prompts, isa: str, dot: str) -> None:
+    """decode_layers (a decode step's layers in one C call) against the same kernels called one by one
+    from Python: the same logits to the bit, on every decode step of a batch (the KV pool restored
+    between the two)."""
+    fused = _vector_forward(model_dir, isa, dot=dot)
+    both = _BothWays(fused)
+    run_all(make_engine(both), [request(str(i), p, eos, max_new_tokens=6) for i, p in enumerate(prompts)])
+    assert len(both.diffs) >= 5 and fused.layer_steps == len(both.diffs)
+    assert max(both.diffs) == 0.0
+
+
+class _BothWays(torch.nn.Module):
+    def __init__(self, fused: FusedCpuForward) -> None:
+        super().__init__()
+        self.fused, self.config = fused, fused.config
+        self.diffs: list[float] = []
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        if ctx.num_decode != ids.shape[0]:
+            return self.fused(ids, positions, ctx)
+        k, v = ctx.pool.k.clone(), ctx.pool.v.clone()
+        self.fused.whole_steps = False
+        per_op = self.fused(ids, positions, ctx)
+        ctx.pool.k.copy_(k)
+        ctx.pool.v.copy_(v)
+        self.fused.whole_steps = True
+        whole = self.fused(ids, positions, ctx)
+        self.diffs.append((whole - per_op).abs().max().item())
+        return whole

@@ -95,19 +95,37 @@ static void rmsnorm_inplace(float *x, const float *w, int64_t n, float eps) {
 
 /* residual [T, D] float32 (updated in place); delta [T, D] or NULL; w [D]; out [T, D]; delta and out
    bfloat16 (add_rmsnorm) or float32 (add_rmsnorm_f32) */
+/* One row of add_rmsnorm / silu_mul. Not inlined (one copy per activation type): -fassociative-math
+   lets gcc regroup the arithmetic differently in each place it is inlined into, and decode_layers
+   must agree to the bit with the kernel-per-op loop. */
+__attribute__((noinline)) static void add_rmsnorm_row(float *r, const void *delta, const float *w, void *out,
+                                                     int64_t t, int64_t D, float eps, int bf) {
+    if (delta) {
+#pragma omp simd
+        for (int64_t i = 0; i < D; i++) r[i] += ld_act(delta, t * D + i, bf);
+    }
+    const float inv = rms_scale(r, D, eps);
+#pragma omp simd
+    for (int64_t i = 0; i < D; i++) st_act(out, t * D + i, r[i] * inv * w[i], bf);
+}
+__attribute__((noinline)) static void add_rmsnorm_row_bf16(float *r, const void *delta, const float *w, void *out,
+                                                          int64_t t, int64_t D, float eps) {
+    add_rmsnorm_row(r, delta, w, out, t, D, eps, 1);
+}
+__attribute__((noinline)) static void add_rmsnorm_row_f32(float *r, const void *delta, const float *w, void *out,
+                                                         int64_t t, int64_t D, float eps) {
+    add_rmsnorm_row(r, delta, w, out, t, D, eps, 0);
+}
+
 static inline __attribute__((always_inline)) void add_rmsnorm_impl(float *residual, const void *delta,
                                                                    const float *w, void *out, int64_t T,
                                                                    int64_t D, float eps, int bf) {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
-        float *r = residual + t * D;
-        if (delta) {
-#pragma omp simd
-            for (int64_t i = 0; i < D; i++) r[i] += ld_act(delta, t * D + i, bf);
-        }
-        const float inv = rms_scale(r, D, eps);
-#pragma omp simd
-        for (int64_t i = 0; i < D; i++) st_act(out, t * D + i, r[i] * inv * w[i], bf);
+        if (bf)
+            add_rmsnorm_row_bf16(residual + t * D, delta, w, out, t, D, eps);
+        else
+            add_rmsnorm_row_f32(residual + t * D, delta, w, out, t, D, eps);
     }
 }
 
@@ -124,10 +142,23 @@ void add_rmsnorm_f32(float *residual, const float *delta, const float *w, float 
 }
 
 /* gate_up [T, 2I] (gate | up); out [T, I]: bfloat16 (silu_mul) or float32 (silu_mul_f32) */
+__attribute__((noinline)) static void silu_mul_row_f32(const float *gate_up, float *out, int64_t t, int64_t I) {
+    const int64_t g = t * 2 * I, u = g + I;
+#pragma omp simd
+    for (int64_t i = 0; i < I; i++) {
+        const float x = gate_up[g + i];
+        out[t * I + i] = x / (1.f + exp_fast(-x)) * gate_up[u + i];
+    }
+}
+
 static inline __attribute__((always_inline)) void silu_mul_impl(const void *gate_up, void *out, int64_t T,
                                                                 int64_t I, int bf) {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
+        if (!bf) {
+            silu_mul_row_f32((const float *)gate_up, (float *)out, t, I);
+            continue;
+        }
         const int64_t g = t * 2 * I, u = g + I;
 #pragma omp simd
         for (int64_t i = 0; i < I; i++) {
@@ -736,3 +767,81 @@ int kernels_have_dot(void) { return 1; }
 #else
 int kernels_have_dot(void) { return 0; }
 #endif
+
+/* ------------------------------------------------------------------ a whole decode step's layers
+
+   decode_layers runs every layer of a decode-only step (one new token per sequence, B rows) in one
+   call and one OpenMP region: per layer the qkv matmul, decode_attention, o_proj, add_rmsnorm,
+   gate_up, silu_mul, down_proj, add_rmsnorm, each an orphaned `omp for` whose closing barrier
+   orders it before the next. Against one ctypes call and one parallel region per kernel (~8 per
+   layer, each a few microseconds to enter and leave on a busy 2-core box) it saves ~1 ms a step.
+   Float32 activations (the avx512 / avx2 paths), weights in any format of the matmuls above.
+
+   desc: DESC_FIELDS int64s per layer (cpu_forward.py fills them):
+     for each of qkv, o, gate_up, down: format (FMT_* of gemm_*, or DOT_FMT + FMT_* for the panels of
+     gemm_dot_*), weight pointer, bias pointer (or 0); then post_norm, next_norm, q_norm (or 0),
+     k_norm (or 0), k_pool, v_pool of the layer.
+   On entry x = rmsnorm(residual) * the first layer's input norm; on return x = the final norm of the
+   updated residual (for the logits). */
+#define DESC_FIELDS 18
+#define DOT_FMT 4
+
+static void gemm_body_f32(const uint8_t *W, const float *x, float *y, const float *b, int64_t B, int64_t K, int64_t N) {
+    gemm_impl(FMT_F32, W, x, y, b, B, K, N);
+}
+static void gemm_body_bf16(const uint8_t *W, const float *x, float *y, const float *b, int64_t B, int64_t K, int64_t N) {
+    gemm_impl(FMT_BF16, W, x, y, b, B, K, N);
+}
+static void gemm_body_q8_0(const uint8_t *W, const float *x, float *y, const float *b, int64_t B, int64_t K, int64_t N) {
+    gemm_impl(FMT_Q8_0, W, x, y, b, B, K, N);
+}
+static void gemm_body_q4_1(const uint8_t *W, const float *x, float *y, const float *b, int64_t B, int64_t K, int64_t N) {
+    gemm_impl(FMT_Q4_1, W, x, y, b, B, K, N);
+}
+#if defined(__AVX512F__)
+/* not inlined: the caller is built without AVX512_BF16, and only runs these where the CPU has it */
+DOT_TARGET __attribute__((noinline)) static void gemm_dot_body(int fmt, const uint8_t *W, const float *x, float *y,
+                                                               const float *b, int64_t B, int64_t K, int64_t N) {
+    gemm_dot_impl(fmt, W, x, y, b, B, K, N);
+}
+#endif
+
+static void gemm_any(const int64_t *d, const float *x, float *y, int64_t B, int64_t K, int64_t N) {
+    const uint8_t *W = (const uint8_t *)(intptr_t)d[1];
+    const float *bias = (const float *)(intptr_t)d[2];
+    switch (d[0]) {
+    case FMT_F32: gemm_body_f32(W, x, y, bias, B, K, N); break;
+    case FMT_BF16: gemm_body_bf16(W, x, y, bias, B, K, N); break;
+    case FMT_Q8_0: gemm_body_q8_0(W, x, y, bias, B, K, N); break;
+    case FMT_Q4_1: gemm_body_q4_1(W, x, y, bias, B, K, N); break;
+#if defined(__AVX512F__)
+    default: gemm_dot_body((int)(d[0] - DOT_FMT), W, x, y, bias, B, K, N); break;
+#else
+    default: break; /* never: cpu_forward.py only hands this build the formats it has */
+#endif
+    }
+}
+
+void decode_layers(const int64_t *desc, int64_t n_layers, float *residual, float *x, float *qkv, float *attn,
+                   float *o, float *gate_up, float *act, float *down, int64_t B, int64_t hidden, int64_t inter,
+                   int64_t H, int64_t Hkv, int64_t D, float eps, const float *cos_sin, const int64_t *positions,
+                   const int64_t *write_slots, const int64_t *table, int64_t table_stride, const int64_t *lens,
+                   float *scratch, float scale) {
+    const int64_t n_qkv = (H + 2 * Hkv) * D;
+#pragma omp parallel
+    for (int64_t l = 0; l < n_layers; l++) {
+        const int64_t *d = desc + l * DESC_FIELDS;
+        const float *post_norm = (const float *)(intptr_t)d[12], *next_norm = (const float *)(intptr_t)d[13];
+        const float *q_norm = (const float *)(intptr_t)d[14], *k_norm = (const float *)(intptr_t)d[15];
+        float *k_pool = (float *)(intptr_t)d[16], *v_pool = (float *)(intptr_t)d[17];
+        gemm_any(d, x, qkv, B, hidden, n_qkv);
+        decode_attention_impl(qkv, q_norm, k_norm, eps, cos_sin, positions, k_pool, v_pool, write_slots, table,
+                              table_stride, lens, attn, scratch, B, H, Hkv, D, scale, 0);
+        gemm_any(d + 3, attn, o, B, H * D, hidden);
+        add_rmsnorm_impl(residual, o, post_norm, x, B, hidden, eps, 0);
+        gemm_any(d + 6, x, gate_up, B, hidden, 2 * inter);
+        silu_mul_impl(gate_up, act, B, inter, 0);
+        gemm_any(d + 9, act, down, B, inter, hidden);
+        add_rmsnorm_impl(residual, down, next_norm, x, B, hidden, eps, 0);
+    }
+}

@@ -136,6 +136,9 @@ class CpuKernels:
         lib.widen_rows.argtypes = [ctypes.c_int, _P, _P, _I, _I]
         lib.widen_rows.restype = None
         lib.kernels_vector_bits.restype = ctypes.c_int
+        lib.decode_layers.argtypes = [_P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _P, _P,
+                                      _P, _I, _P, _P, _F]
+        lib.decode_layers.restype = None
         # the bfloat16 dot-product matmuls: in the avx512 build, run only where the CPU has AVX512_BF16
         from minisgl.engine.cpu_isa import cpu_flags
 
@@ -269,6 +272,18 @@ WEIGHT_FORMATS = ("f32", "bf16", "q8_0", "q4_1")  # in the order of cpu_kernels.
 # the formats the bfloat16 dot kernels read, by the format they are packed from (pack_panels)
 PANEL_FORMATS = {"q4_1": "q4_1p", "q8_0": "q8_0p", "bf16": "bf16p"}
 _BLOCK_BYTES = {"f32": 128, "bf16": 64, "q8_0": 34, "q4_1": 20}  # per 32 weights
+
+
+# decode_layers' description of a layer (cpu_kernels.c): DESC_FIELDS int64s, a matmul's format id
+DESC_FIELDS = 18
+
+
+def matmul_format_id(fmt: str) -> int:
+    """The format id decode_layers reads: FMT_* for gemm_<fmt>, DOT_FMT + FMT_* for gemm_dot_<fmt>."""
+    for src, panel in PANEL_FORMATS.items():
+        if fmt == panel:
+            return 4 + WEIGHT_FORMATS.index(src)
+    return WEIGHT_FORMATS.index(fmt)
 
 
 def weight_row_bytes(fmt: str, k: int) -> int:
