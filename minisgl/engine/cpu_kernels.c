@@ -27,6 +27,9 @@ code below is written with GCC vector extensions whose width follows the ISA it 
 built against the OpenMP runtime torch itself uses (one thread pool for both; see cpu_kernels.py).
 */
 #include <math.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
@@ -197,6 +200,24 @@ static inline void prefetch_row(const float *row, int64_t D) {
     for (int64_t i = 0; i < D; i += 16) __builtin_prefetch(row + i);
 }
 
+/* softmax of each of the G rows of scores [G, L], in place */
+static void softmax_rows(float *scores, int64_t G, int64_t L) {
+    for (int64_t g = 0; g < G; g++) {
+        float *s = scores + g * L;
+        float m = s[0];
+        for (int64_t l = 1; l < L; l++) m = s[l] > m ? s[l] : m;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t l = 0; l < L; l++) {
+            s[l] = exp_fast(s[l] - m);
+            sum += s[l];
+        }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t l = 0; l < L; l++) s[l] *= inv;
+    }
+}
+
 /* Attention of query heads qg [G, D] (one kv head) over L keys/values read through `slots`. */
 static inline __attribute__((always_inline)) void attend(const float *qg, const float *k_pool,
                                                          const float *v_pool, const int64_t *slots, int64_t L,
@@ -213,20 +234,7 @@ static inline __attribute__((always_inline)) void attend(const float *qg, const 
             scores[g * L + l] = s * scale;
         }
     }
-    for (int64_t g = 0; g < G; g++) {
-        float *s = scores + g * L;
-        float m = s[0];
-        for (int64_t l = 1; l < L; l++) m = s[l] > m ? s[l] : m;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t l = 0; l < L; l++) {
-            s[l] = exp_fast(s[l] - m);
-            sum += s[l];
-        }
-        const float inv = 1.f / sum;
-#pragma omp simd
-        for (int64_t l = 0; l < L; l++) s[l] *= inv;
-    }
+    softmax_rows(scores, G, L);
     float acc[8 * 256]; /* G <= 8, D <= 256: checked by the caller */
     memset(acc, 0, G * D * sizeof(float));
     for (int64_t l = 0; l < L; l++) {
@@ -244,6 +252,73 @@ static inline __attribute__((always_inline)) void attend(const float *qg, const 
         for (int64_t i = 0; i < D; i++) st_act(out, g * D + i, acc[g * D + i], bf);
     }
 }
+
+/* attend() for a head dim that is a multiple of 16 and a constant group size: the queries and the
+   output accumulators live in vector registers (16 floats each; two 256-bit halves under AVX2), each
+   key and value row is loaded once for all G query heads. ~2x attend()'s speed at batch 16 on Zen 5,
+   where decode attention over float32 rows is compute-bound, not memory-bound. */
+typedef float af16 __attribute__((vector_size(64)));
+static inline af16 ld16(const float *p) {
+    af16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline float hsum16(af16 v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    float s = 0.f;
+    for (int i = 0; i < 16; i++) s += v[i];
+    return s;
+#endif
+}
+
+#define ATTEND_FIXED(G, D)                                                                                       \
+    static void attend_##G##_##D(const float *qg, const float *k_pool, const float *v_pool, const int64_t *slots, \
+                                 int64_t L, int64_t kv_off, int64_t kv_row, float *scores, void *out, float scale, \
+                                 int bf) {                                                                       \
+        enum { NV = (D) / 16 };                                                                                  \
+        af16 q[(G) * NV], acc[(G) * NV];                                                                         \
+        for (int g = 0; g < (G); g++)                                                                            \
+            for (int v = 0; v < NV; v++) q[g * NV + v] = ld16(qg + g * (D) + v * 16);                            \
+        for (int64_t l = 0; l < L; l++) {                                                                        \
+            const float *kr = k_pool + slots[l] * kv_row + kv_off;                                               \
+            if (l + PREFETCH < L) prefetch_row(k_pool + slots[l + PREFETCH] * kv_row + kv_off, (D));             \
+            af16 k[NV];                                                                                          \
+            for (int v = 0; v < NV; v++) k[v] = ld16(kr + v * 16);                                               \
+            for (int g = 0; g < (G); g++) {                                                                      \
+                af16 sv = q[g * NV] * k[0];                                                                      \
+                for (int v = 1; v < NV; v++) sv += q[g * NV + v] * k[v];                                         \
+                scores[g * L + l] = hsum16(sv) * scale;                                                          \
+            }                                                                                                    \
+        }                                                                                                        \
+        softmax_rows(scores, (G), L);                                                                            \
+        for (int i = 0; i < (G) * NV; i++) acc[i] = (af16){};                                                    \
+        for (int64_t l = 0; l < L; l++) {                                                                        \
+            const float *vr = v_pool + slots[l] * kv_row + kv_off;                                               \
+            if (l + PREFETCH < L) prefetch_row(v_pool + slots[l + PREFETCH] * kv_row + kv_off, (D));             \
+            af16 vv[NV];                                                                                         \
+            for (int v = 0; v < NV; v++) vv[v] = ld16(vr + v * 16);                                              \
+            for (int g = 0; g < (G); g++) {                                                                      \
+                const float p = scores[g * L + l];                                                               \
+                for (int v = 0; v < NV; v++) acc[g * NV + v] += p * vv[v];                                       \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int g = 0; g < (G); g++)                                                                            \
+            for (int v = 0; v < NV; v++)                                                                         \
+                for (int i = 0; i < 16; i++) st_act(out, g * (D) + v * 16 + i, acc[g * NV + v][i], bf);         \
+    }
+#define ATTEND_GROUPS(D) ATTEND_FIXED(1, D) ATTEND_FIXED(2, D) ATTEND_FIXED(3, D) ATTEND_FIXED(4, D) \
+    ATTEND_FIXED(5, D) ATTEND_FIXED(6, D) ATTEND_FIXED(7, D) ATTEND_FIXED(8, D)
+ATTEND_GROUPS(64)
+ATTEND_GROUPS(128)
+
+typedef void (*attend_fn)(const float *, const float *, const float *, const int64_t *, int64_t, int64_t, int64_t,
+                          float *, void *, float, int);
+static const attend_fn ATTEND_64[8] = {attend_1_64, attend_2_64, attend_3_64, attend_4_64,
+                                       attend_5_64, attend_6_64, attend_7_64, attend_8_64};
+static const attend_fn ATTEND_128[8] = {attend_1_128, attend_2_128, attend_3_128, attend_4_128,
+                                        attend_5_128, attend_6_128, attend_7_128, attend_8_128};
 
 /*
  qkv      [B, (H + 2 Hkv) D] bf16 (f32 for decode_attention_f32): q heads | k heads | v heads, the
@@ -296,9 +371,9 @@ static inline __attribute__((always_inline)) void decode_attention_impl(
             const int64_t *slots = table + b * table_stride;
             /* constant head dims let the compiler unroll the dot products */
             if (D == 64)
-                attend(qg, k_pool, v_pool, slots, lens[b], kv * D, kv_row, scores, o, G, 64, scale, bf);
+                ATTEND_64[G - 1](qg, k_pool, v_pool, slots, lens[b], kv * D, kv_row, scores, o, scale, bf);
             else if (D == 128)
-                attend(qg, k_pool, v_pool, slots, lens[b], kv * D, kv_row, scores, o, G, 128, scale, bf);
+                ATTEND_128[G - 1](qg, k_pool, v_pool, slots, lens[b], kv * D, kv_row, scores, o, scale, bf);
             else
                 attend(qg, k_pool, v_pool, slots, lens[b], kv * D, kv_row, scores, o, G, D, scale, bf);
         }
@@ -586,7 +661,9 @@ void widen_rows(int fmt, const uint8_t *W, float *out, int64_t N, int64_t K) {
    Rows past N in the last panel are zeros. */
 #if defined(__AVX512F__)
 #define DOT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma")))
-#define DBR 8 /* batch rows per register tile: 3 x DBR accumulators + the weights fit 32 registers */
+#ifndef DBR
+#define DBR 8
+#endif /* batch rows per register tile: 3 x DBR accumulators + the weights fit 32 registers */
 
 static inline int64_t panel_block_bytes(int fmt) {
     return fmt == FMT_Q4_1 ? 320 : fmt == FMT_Q8_0 ? 1056 : 1024;
@@ -802,7 +879,11 @@ static void gemm_body_q4_1(const uint8_t *W, const float *x, float *y, const flo
 /* not inlined: the caller is built without AVX512_BF16, and only runs these where the CPU has it */
 DOT_TARGET __attribute__((noinline)) static void gemm_dot_body(int fmt, const uint8_t *W, const float *x, float *y,
                                                                const float *b, int64_t B, int64_t K, int64_t N) {
-    gemm_dot_impl(fmt, W, x, y, b, B, K, N);
+    switch (fmt) { /* a constant format in each: the tile's loops specialize */
+    case FMT_Q4_1: gemm_dot_impl(FMT_Q4_1, W, x, y, b, B, K, N); break;
+    case FMT_Q8_0: gemm_dot_impl(FMT_Q8_0, W, x, y, b, B, K, N); break;
+    default: gemm_dot_impl(FMT_BF16, W, x, y, b, B, K, N); break;
+    }
 }
 #endif
 
