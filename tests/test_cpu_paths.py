@@ -207,7 +207,8 @@ def test_silu_mul_f32(kernels: CpuKernels) -> None:
     torch.testing.assert_close(out, F.silu(gate) * up, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,qk_norm", [(9, 3, 64, False), (16, 2, 32, True), (8, 8, 128, True)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,qk_norm", [(9, 3, 64, False), (16, 2, 32, True), (8, 8, 128, True),
+                                                        (8, 2, 64, True), (16, 2, 128, False)])  # groups 1-8, D 64 / 128
 def test_decode_attention_f32(kernels: CpuKernels, heads: int, kv_heads: int, head_dim: int, qk_norm: bool) -> None:
     g = torch.Generator().manual_seed(heads + head_dim)
     slots, lens_list = 200, [1, 7, 45, 130]
