@@ -86,7 +86,7 @@ static inline float rms_scale(const float *x, int64_t n, float eps) {
     return 1.f / sqrtf(ss / (float)n + eps);
 }
 
-static void rmsnorm_inplace(float *x, const float *w, int64_t n, float eps) {
+__attribute__((noinline)) static void rmsnorm_inplace(float *x, const float *w, int64_t n, float eps) {
     const float inv = rms_scale(x, n, eps);
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) x[i] = x[i] * inv * w[i];
@@ -182,7 +182,7 @@ void silu_mul_f32(const float *gate_up, float *out, int64_t T, int64_t I) {
 }
 
 /* x [D] float32, rotated in place (neox style); cs = cos|cos then -sin|sin, 2 * D floats */
-static void rope_inplace(float *x, const float *cs, int64_t D) {
+__attribute__((noinline)) static void rope_inplace(float *x, const float *cs, int64_t D) {
     const int64_t half = D / 2;
     float tmp[512];
 #pragma omp simd
@@ -847,19 +847,22 @@ int kernels_have_dot(void) { return 0; }
 
 /* ------------------------------------------------------------------ a whole decode step's layers
 
-   decode_layers runs every layer of a decode-only step (one new token per sequence, B rows) in one
-   call and one OpenMP region: per layer the qkv matmul, decode_attention, o_proj, add_rmsnorm,
-   gate_up, silu_mul, down_proj, add_rmsnorm, each an orphaned `omp for` whose closing barrier
-   orders it before the next. Against one ctypes call and one parallel region per kernel (~8 per
-   layer, each a few microseconds to enter and leave on a busy 2-core box) it saves ~1 ms a step.
-   Float32 activations (the avx512 / avx2 paths), weights in any format of the matmuls above.
+   decode_layers runs every layer of a decode-only step (one new token per sequence, B rows, float32
+   activations: the avx512 / avx2 paths) in one call and one OpenMP region. Per layer: the qkv
+   matmul, the attention (decode_attention_items), o_proj, gate_up, down_proj, each an orphaned
+   `omp for` whose closing barrier orders it before the next; add_rmsnorm and silu_mul run in every
+   thread on its own copy of the rows (a few microseconds), so a layer has 5 barriers. Against a
+   ctypes call and a parallel region per kernel (11 fork / join / barrier points a layer) this saves
+   the calls (~1 ms a step) and, on a busy box, most of the stalls: every barrier waits for the
+   slowest thread, and on 2 cores shared with the server's other processes one is often preempted.
+   Bit-identical to the kernel-per-op loop (the same row functions, not inlined).
 
    desc: DESC_FIELDS int64s per layer (cpu_forward.py fills them):
      for each of qkv, o, gate_up, down: format (FMT_* of gemm_*, or DOT_FMT + FMT_* for the panels of
      gemm_dot_*), weight pointer, bias pointer (or 0); then post_norm, next_norm, q_norm (or 0),
      k_norm (or 0), k_pool, v_pool of the layer.
    On entry x = rmsnorm(residual) * the first layer's input norm; on return x = the final norm of the
-   updated residual (for the logits). */
+   updated residual (for the logits), and residual updated. */
 #define DESC_FIELDS 18
 #define DOT_FMT 4
 
@@ -903,26 +906,83 @@ static void gemm_any(const int64_t *d, const float *x, float *y, int64_t B, int6
     }
 }
 
+/* decode_attention_impl as one parallel loop over (sequence, kv head): each item prepares the new
+   k / v of its own kv head and the queries of its group, then attends; no item reads what another
+   writes, so one barrier a layer instead of two. The same per-head operations, so the same bits. */
+static inline __attribute__((always_inline)) void decode_attention_items(
+    const float *qkv, const float *q_norm_w, const float *k_norm_w, float eps, const float *cos_sin,
+    const int64_t *positions, float *k_pool, float *v_pool, const int64_t *write_slots, const int64_t *table,
+    int64_t table_stride, const int64_t *lens, float *out, float *scratch, int64_t B, int64_t H, int64_t Hkv,
+    int64_t D, float scale) {
+    const int64_t G = H / Hkv, width = (H + 2 * Hkv) * D, kv_row = Hkv * D;
+    float *q_all = scratch, *scores_all = scratch + B * H * D;
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < B * Hkv; item++) {
+        const int64_t b = item / Hkv, kv = item % Hkv;
+        const float *src = qkv + b * width;
+        const float *cs = cos_sin + positions[b] * 2 * D;
+        float *qg = q_all + (b * H + kv * G) * D;
+        for (int64_t g = 0; g < G; g++) {
+            float *q = qg + g * D;
+            memcpy(q, src + (kv * G + g) * D, D * sizeof(float));
+            if (q_norm_w) rmsnorm_inplace(q, q_norm_w, D, eps);
+            rope_inplace(q, cs, D);
+        }
+        float *k_new = k_pool + write_slots[b] * kv_row + kv * D, *v_new = v_pool + write_slots[b] * kv_row + kv * D;
+        memcpy(k_new, src + H * D + kv * D, D * sizeof(float));
+        memcpy(v_new, src + H * D + kv_row + kv * D, D * sizeof(float));
+        if (k_norm_w) rmsnorm_inplace(k_new, k_norm_w, D, eps);
+        rope_inplace(k_new, cs, D);
+        float *scores = scores_all + (b * H + kv * G) * table_stride;
+        const int64_t *slots = table + b * table_stride;
+        float *o = out + b * H * D + kv * G * D;
+        if (D == 64 && G <= 8)
+            ATTEND_64[G - 1](qg, k_pool, v_pool, slots, lens[b], kv * D, kv_row, scores, o, scale, 0);
+        else if (D == 128 && G <= 8)
+            ATTEND_128[G - 1](qg, k_pool, v_pool, slots, lens[b], kv * D, kv_row, scores, o, scale, 0);
+        else
+            attend(qg, k_pool, v_pool, slots, lens[b], kv * D, kv_row, scores, o, G, D, scale, 0);
+    }
+}
+
 void decode_layers(const int64_t *desc, int64_t n_layers, float *residual, float *x, float *qkv, float *attn,
                    float *o, float *gate_up, float *act, float *down, int64_t B, int64_t hidden, int64_t inter,
                    int64_t H, int64_t Hkv, int64_t D, float eps, const float *cos_sin, const int64_t *positions,
                    const int64_t *write_slots, const int64_t *table, int64_t table_stride, const int64_t *lens,
                    float *scratch, float scale) {
     const int64_t n_qkv = (H + 2 * Hkv) * D;
+    (void)act;
+    /* Each thread keeps its own copy of the residual stream and of each matmul's input, and does the
+       row ops (add_rmsnorm, silu_mul: a few microseconds) itself, right after the matmul they follow:
+       the barriers left are the five the matmuls and the attention need (their outputs are split
+       between the threads). */
 #pragma omp parallel
-    for (int64_t l = 0; l < n_layers; l++) {
-        const int64_t *d = desc + l * DESC_FIELDS;
-        const float *post_norm = (const float *)(intptr_t)d[12], *next_norm = (const float *)(intptr_t)d[13];
-        const float *q_norm = (const float *)(intptr_t)d[14], *k_norm = (const float *)(intptr_t)d[15];
-        float *k_pool = (float *)(intptr_t)d[16], *v_pool = (float *)(intptr_t)d[17];
-        gemm_any(d, x, qkv, B, hidden, n_qkv);
-        decode_attention_impl(qkv, q_norm, k_norm, eps, cos_sin, positions, k_pool, v_pool, write_slots, table,
-                              table_stride, lens, attn, scratch, B, H, Hkv, D, scale, 0);
-        gemm_any(d + 3, attn, o, B, H * D, hidden);
-        add_rmsnorm_impl(residual, o, post_norm, x, B, hidden, eps, 0);
-        gemm_any(d + 6, x, gate_up, B, hidden, 2 * inter);
-        silu_mul_impl(gate_up, act, B, inter, 0);
-        gemm_any(d + 9, act, down, B, inter, hidden);
-        add_rmsnorm_impl(residual, down, next_norm, x, B, hidden, eps, 0);
+    {
+        float *r = malloc((size_t)(B * hidden) * sizeof(float));
+        float *xin = malloc((size_t)(B * (hidden > inter ? hidden : inter)) * sizeof(float));
+        memcpy(r, residual, (size_t)(B * hidden) * sizeof(float));
+        memcpy(xin, x, (size_t)(B * hidden) * sizeof(float));
+        for (int64_t l = 0; l < n_layers; l++) {
+            const int64_t *d = desc + l * DESC_FIELDS;
+            const float *post_norm = (const float *)(intptr_t)d[12], *next_norm = (const float *)(intptr_t)d[13];
+            const float *q_norm = (const float *)(intptr_t)d[14], *k_norm = (const float *)(intptr_t)d[15];
+            float *k_pool = (float *)(intptr_t)d[16], *v_pool = (float *)(intptr_t)d[17];
+            gemm_any(d, xin, qkv, B, hidden, n_qkv);
+            decode_attention_items(qkv, q_norm, k_norm, eps, cos_sin, positions, k_pool, v_pool, write_slots, table,
+                                   table_stride, lens, attn, scratch, B, H, Hkv, D, scale);
+            gemm_any(d + 3, attn, o, B, H * D, hidden);
+            for (int64_t t = 0; t < B; t++) add_rmsnorm_row_f32(r + t * hidden, o, post_norm, xin, t, hidden, eps);
+            gemm_any(d + 6, xin, gate_up, B, hidden, 2 * inter);
+            for (int64_t t = 0; t < B; t++) silu_mul_row_f32(gate_up, xin, t, inter);
+            gemm_any(d + 9, xin, down, B, inter, hidden);
+            for (int64_t t = 0; t < B; t++) add_rmsnorm_row_f32(r + t * hidden, down, next_norm, xin, t, hidden, eps);
+        }
+#pragma omp single nowait
+        {
+            memcpy(residual, r, (size_t)(B * hidden) * sizeof(float));
+            memcpy(x, xin, (size_t)(B * hidden) * sizeof(float));
+        }
+        free(r);
+        free(xin);
     }
 }
