@@ -14,7 +14,8 @@ GEMM for prompt chunks, with float32 activations throughout. Per layer it is 4 m
     delta = down_proj(silu_mul(gate_up_proj(x)))
 
 instead of ~30 torch ops, each costing 5-15 us at decode sizes on caches the weight stream has just
-flushed. A prompt chunk's attention stays torch's SDPA (a blocked matmul; the kernel here does one
+flushed. With CpuWeights, a decode-only step of up to MAX_KERNEL_ROWS rows runs all of that in C, one
+call for every layer (cpu_kernels.c's decode_layers, bit-identical to this loop). A prompt chunk's attention stays torch's SDPA (a blocked matmul; the kernel here does one
 query at a time). The numbers are those of the model's forward: float32 residual, norms, RoPE, KV and
 attention, bfloat16 matmul inputs on the amx path (up to float32 rounding order and one bfloat16
 rounding fewer in silu * up), float32 everything on the others (up to rounding order, and the weights'

@@ -21,6 +21,10 @@ pool are float32 in both.
   gemm_q4_1, gemm_q8_0, gemm_bf16, gemm_f32
                 y[B, N] = x[B, K] @ W[N, K]^T (+ bias) for float32 x and y and a weight stored as GGUF
                 Q4_1 / Q8_0 blocks, bfloat16 or float32, widened to float32 in registers (see below)
+  gemm_dot_q4_1p, gemm_dot_q8_0p, gemm_dot_bf16p
+                the same products with x rounded to bfloat16, on AVX512-BF16 (vdpbf16ps), for weights
+                repacked by pack_panels (the weights themselves exact)
+  decode_layers every layer of a decode-only step in one call (float32 activations)
 
 The file is compiled once per ISA (-mavx512f... or -mavx2 -mfma, see cpu_kernels.py): the vector
 code below is written with GCC vector extensions whose width follows the ISA it is built for. Loops over sequences and heads run on OpenMP threads when the library is
