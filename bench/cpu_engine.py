@@ -14,6 +14,7 @@ oneDNN runs its bfloat16 matmuls without AMX tiles, slower); speed-ups are again
 
     python bench/cpu_engine.py                       # decode at 1, 4, 16; prefix; idle 0.4 s
     python bench/cpu_engine.py --batches 4 --rounds 12 --paths avx512,torch
+    python bench/cpu_engine.py --paths amx,avx512,avx512:f32     # path:dot sets MINISGL_CPU_DOT for one
 
 Prints a table and saves JSON under bench/results/.
 """
@@ -52,10 +53,11 @@ def make_backends(seed: int, paths: list[str]) -> dict[str, Any]:
     model_dir = ensure_default_model(quiet=True)
     backends = {}
     for path in paths:
+        isa, _, dot = path.partition(":")  # avx512:f32 = the avx512 path with MINISGL_CPU_DOT=f32
         be = create_backend("torch", BackendConfig(model_path=str(model_dir), device="cpu", seed=seed,
-                                                   kv_cache_tokens=8192, extra={"cpu_isa": path}))
-        if be.cpu_path != path:  # type: ignore[attr-defined]
-            raise SystemExit(f"[cpu_engine] this CPU cannot run the {path} path (it ran {be.cpu_path})")
+                                                   kv_cache_tokens=8192, extra={"cpu_isa": isa, "cpu_dot": dot}))
+        if be.cpu_path != isa:  # type: ignore[attr-defined]
+            raise SystemExit(f"[cpu_engine] this CPU cannot run the {isa} path (it ran {be.cpu_path})")
         backends[path] = be
         cpu_isa.choose.cache_clear()
     return backends

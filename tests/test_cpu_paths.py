@@ -106,6 +106,66 @@ def test_gemm_widens_to_exactly_the_dequantized_weights(kernels: CpuKernels, fmt
     assert torch.equal(out.T, dense_of(fmt, blocks, k))
 
 
+@pytest.fixture()
+def dot_kernels(kernels: CpuKernels) -> CpuKernels:
+    if not kernels.can_dot:
+        assert kernels.isa != "avx512" or "avx512_bf16" not in cpu_isa.cpu_flags()
+        pytest.skip(f"the bfloat16 dot kernels need the avx512 build on a CPU with AVX512_BF16 ({kernels.isa} build)")
+    return kernels
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "bf16"])
+def test_dot_gemm_matches_float64_on_bf16_inputs(dot_kernels: CpuKernels, fmt: str) -> None:
+    """The panel kernels: x rounded to bfloat16, the weights exact, float32 sums. Every batch size
+    past the 8-row tile, a row count that is no multiple of the 16-row panel, with and without bias."""
+    g = torch.Generator().manual_seed(9)
+    n, k = 70, 96
+    blocks = random_blocks(fmt, n, k, g)
+    w = dense_of(fmt, blocks, k)
+    packed = dot_kernels.pack_panels(fmt, torch.from_numpy(blocks.copy()), k)
+    bias = torch.randn(n, generator=g)
+    for b in (1, 2, 3, 5, 7, 8, 9, 13, 16, 20):
+        x = torch.randn(b, k, generator=g)
+        for with_bias in (False, True):
+            out = torch.full((b, n), float("nan"))
+            dot_kernels.gemm_dot(fmt, packed, x, out, n, bias if with_bias else None)
+            want = x.bfloat16().double() @ w.double().T + (bias.double() if with_bias else 0)
+            err = ((out.double() - want).abs().max() / want.abs().max()).item()
+            assert err < 1e-5, (b, with_bias, err)
+            # the input really is rounded (not a float32 product that happens to pass)
+            exact = x.double() @ w.double().T + (bias.double() if with_bias else 0)
+            assert ((out.double() - exact).abs().max() / exact.abs().max()).item() > 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "bf16"])
+def test_dot_gemm_keeps_the_weights(dot_kernels: CpuKernels, fmt: str) -> None:
+    """x = rows of the identity (bfloat16 as they are): each output is one weight, gguf-py's float32
+    one up to a float32 rounding of Q4_1's folded minimum (m - 128 d, see cpu_kernels.c)."""
+    g = torch.Generator().manual_seed(10)
+    n, k = 20, 64
+    blocks = random_blocks(fmt, n, k, g)
+    want = dense_of(fmt, blocks, k)
+    out = torch.empty(k, n)
+    dot_kernels.gemm_dot(fmt, dot_kernels.pack_panels(fmt, torch.from_numpy(blocks.copy()), k), torch.eye(k), out, n)
+    if fmt == "q4_1":
+        torch.testing.assert_close(out.T, want, rtol=0, atol=2.0**-20 * want.abs().max().item())
+    else:
+        assert torch.equal(out.T, want)
+
+
+def test_dot_gemm_rejects_bad_shapes(dot_kernels: CpuKernels) -> None:
+    data = torch.zeros(8, weight_row_bytes("q4_1", 64), dtype=torch.uint8)
+    packed = dot_kernels.pack_panels("q4_1", data, 64)
+    with pytest.raises(ValueError):
+        dot_kernels.pack_panels("f32", torch.zeros(8, 256, dtype=torch.uint8), 64)
+    with pytest.raises(ValueError):
+        dot_kernels.gemm_dot("q4_1", packed, torch.zeros(2, 64), torch.empty(2, 40), 40)  # more rows than packed
+    with pytest.raises(ValueError):
+        dot_kernels.gemm_dot("q8_0", packed, torch.zeros(2, 64), torch.empty(2, 8), 8)  # packed as another format
+    with pytest.raises(ValueError):
+        dot_kernels.gemm_dot("q4_1", packed, torch.zeros(2, 64, dtype=torch.bfloat16), torch.empty(2, 8), 8)
+
+
 def test_gemm_rejects_bad_shapes(kernels: CpuKernels) -> None:
     data = torch.zeros(8, weight_row_bytes("q4_1", 64), dtype=torch.uint8)
     with pytest.raises(ValueError):
@@ -147,7 +207,8 @@ def test_silu_mul_f32(kernels: CpuKernels) -> None:
     torch.testing.assert_close(out, F.silu(gate) * up, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,qk_norm", [(9, 3, 64, False), (16, 2, 32, True), (8, 8, 128, True)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,qk_norm", [(9, 3, 64, False), (16, 2, 32, True), (8, 8, 128, True),
+                                                        (8, 2, 64, True), (16, 2, 128, False)])  # groups 1-8, D 64 / 128
 def test_decode_attention_f32(kernels: CpuKernels, heads: int, kv_heads: int, head_dim: int, qk_norm: bool) -> None:
     g = torch.Generator().manual_seed(heads + head_dim)
     slots, lens_list = 200, [1, 7, 45, 130]
@@ -307,19 +368,29 @@ def test_backend_runs_the_path_it_is_given(model_dir: Path) -> None:
 # ---------------------------------------------------------------- engine-level answers
 
 
-def _vector_forward(model_dir: Path, isa: str, force: str = "auto") -> FusedCpuForward:
+def _vector_forward(model_dir: Path, isa: str, force: str = "auto", dot: str = "f32") -> FusedCpuForward:
     model = load_model(model_dir)
     kernels = load_cpu_kernels(isa)
     assert kernels is not None
-    return FusedCpuForward(model, kernels, weights_for(model, kernels, model_dir, lossy_bf16=True, force=force))
+    if dot == "bf16" and not kernels.can_dot:
+        pytest.skip(f"no AVX512_BF16 dot kernels in the {isa} build on this CPU")
+    return FusedCpuForward(model, kernels, weights_for(model, kernels, model_dir, lossy_bf16=True, force=force,
+                                                       dot=dot))
 
 
-@pytest.mark.parametrize("isa", VECTOR_ISAS)
-def test_gguf_blocks_path_greedy_equals_transformers(model_dir: Path, eos, prompts, expected, isa: str) -> None:
+# the paths' matmul inputs: float32 (f32) everywhere, bfloat16 through the dot kernels where the CPU has them
+VECTOR_RUNS = [(isa, dot) for isa in VECTOR_ISAS for dot in ("f32", "bf16") if dot == "f32" or isa == "avx512"]
+
+
+@pytest.mark.parametrize("isa,dot", VECTOR_RUNS)
+def test_gguf_blocks_path_greedy_equals_transformers(model_dir: Path, eos, prompts, expected, isa: str,
+                                                     dot: str) -> None:
     """The avx512 / avx2 paths on the embedded model compute with its own float32 weights: greedy
-    answers equal float32 transformers' on every prompt, in one batch with prefill and decode."""
-    fused = _vector_forward(model_dir, isa)
-    assert {w.fmt for w in fused.weights.values()} == {"q4_1", "q8_0"}  # type: ignore[union-attr]
+    answers equal float32 transformers' on every prompt, in one batch with prefill and decode; with
+    the bfloat16 dot kernels too (only the matmul inputs are rounded; on these prompts no token moves)."""
+    fused = _vector_forward(model_dir, isa, dot=dot)
+    want_fmts = {"q4_1p", "q8_0p"} if dot == "bf16" else {"q4_1", "q8_0"}
+    assert {w.fmt for w in fused.weights.values()} == want_fmts  # type: ignore[union-attr]
     col = run_all(make_engine(fused), [request(str(i), p, eos) for i, p in enumerate(prompts)])
     for i, want in enumerate(expected):
         assert col.tokens[str(i)] == want, f"prompt {i}"
@@ -329,9 +400,13 @@ def test_gguf_blocks_path_greedy_equals_transformers(model_dir: Path, eos, promp
 @pytest.mark.parametrize("isa", VECTOR_ISAS)
 def test_vector_logits_match_float32_every_step(model_dir: Path, model, prompts, isa: str) -> None:
     """Decode, prefill and mixed steps: the kernel path's logits against the float32 model's on the
-    same context, within float32 rounding-order noise (GGUF blocks) and bfloat16 rounding (bf16)."""
-    for force, bound in (("auto", 1e-4), ("bf16", 3e-2)):
-        fused = _vector_forward(model_dir, isa, force)
+    same context, within float32 rounding-order noise (GGUF blocks) and bfloat16 rounding (bf16
+    weights; bfloat16 matmul inputs through the dot kernels, where this CPU has them)."""
+    runs = [("auto", "f32", 1e-4), ("bf16", "f32", 3e-2)]
+    if isa == "avx512" and load_cpu_kernels(isa).can_dot:  # type: ignore[union-attr]
+        runs += [("auto", "bf16", DOT_LOGITS_BOUND)]
+    for force, dot, bound in runs:
+        fused = _vector_forward(model_dir, isa, force, dot)
         compare = _Compare(model, fused)
         engine = make_engine(compare, chunk_size=8)
         reqs = [request(str(i), p, [], max_new_tokens=6, ignore_eos=True) for i, p in enumerate(prompts[:3])]
@@ -343,6 +418,10 @@ def test_vector_logits_match_float32_every_step(model_dir: Path, model, prompts,
         assert compare.kinds == {"decode", "mixed", "prefill"}, compare.kinds
         assert max(compare.errors) < bound, (force, max(compare.errors))
         assert len(compare.errors) >= 8
+
+
+# max |logit - float32 logit| / max |float32 logit| of the dot kernels' path on the prompts above
+DOT_LOGITS_BOUND = 2e-2  # measured 8e-3 (bfloat16 weights alone: 5e-3)
 
 
 class _Compare(torch.nn.Module):
@@ -379,3 +458,35 @@ def test_amx_path_answers(model_dir: Path, eos, prompts, expected, tok) -> None:
     same = sum(col.tokens[str(i)] == want for i, want in enumerate(expected))
     assert same >= len(expected) - 2, [(col.tokens[str(i)], want) for i, want in enumerate(expected)]
     assert "Paris" in tok.decode(col.tokens["0"])
+
+
+@pytest.mark.parametrize("isa,dot", VECTOR_RUNS)
+def test_whole_decode_steps_equal_the_kernel_per_op_loop(model_dir: Path, eos, prompts, isa: str, dot: str) -> None:
+    """decode_layers (a decode step's layers in one C call) against the same kernels called one by one
+    from Python: the same logits to the bit, on every decode step of a batch (the KV pool restored
+    between the two)."""
+    fused = _vector_forward(model_dir, isa, dot=dot)
+    both = _BothWays(fused)
+    run_all(make_engine(both), [request(str(i), p, eos, max_new_tokens=6) for i, p in enumerate(prompts)])
+    assert len(both.diffs) >= 5 and fused.layer_steps == len(both.diffs)
+    assert max(both.diffs) == 0.0
+
+
+class _BothWays(torch.nn.Module):
+    def __init__(self, fused: FusedCpuForward) -> None:
+        super().__init__()
+        self.fused, self.config = fused, fused.config
+        self.diffs: list[float] = []
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        if ctx.num_decode != ids.shape[0]:
+            return self.fused(ids, positions, ctx)
+        k, v = ctx.pool.k.clone(), ctx.pool.v.clone()
+        self.fused.whole_steps = False
+        per_op = self.fused(ids, positions, ctx)
+        ctx.pool.k.copy_(k)
+        ctx.pool.v.copy_(v)
+        self.fused.whole_steps = True
+        whole = self.fused(ids, positions, ctx)
+        self.diffs.append((whole - per_op).abs().max().item())
+        return whole

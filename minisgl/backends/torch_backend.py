@@ -88,7 +88,8 @@ class TorchBackend(EngineBackend):
         if not vector:
             return FusedCpuForward(model, kernels)
         # dtype float32 keeps every weight exact; auto may round one to bfloat16 (as the amx path does)
-        weights = weights_for(model, kernels, self.config.model_path, lossy_bf16=self.config.dtype == "auto")
+        weights = weights_for(model, kernels, self.config.model_path, lossy_bf16=self.config.dtype == "auto",
+                              dot=self.config.extra.get("cpu_dot") or None)
         return FusedCpuForward(model, kernels, weights)
 
     def _amx_linears(self) -> bool:

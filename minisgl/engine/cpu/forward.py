@@ -14,7 +14,8 @@ GEMM for prompt chunks, with float32 activations throughout. Per layer it is 4 m
     delta = down_proj(silu_mul(gate_up_proj(x)))
 
 instead of ~30 torch ops, each costing 5-15 us at decode sizes on caches the weight stream has just
-flushed. A prompt chunk's attention stays torch's SDPA (a blocked matmul; the kernel here does one
+flushed. With CpuWeights, a decode-only step of up to MAX_KERNEL_ROWS rows runs all of that in C, one
+call for every layer (cpu_kernels.c's decode_layers, bit-identical to this loop). A prompt chunk's attention stays torch's SDPA (a blocked matmul; the kernel here does one
 query at a time). The numbers are those of the model's forward: float32 residual, norms, RoPE, KV and
 attention, bfloat16 matmul inputs on the amx path (up to float32 rounding order and one bfloat16
 rounding fewer in silu * up), float32 everything on the others (up to rounding order, and the weights'
@@ -30,10 +31,10 @@ import torch
 from torch import nn
 
 from minisgl.engine.attention import PagedAttention
-from minisgl.engine.cpu.kernels import (CpuKernels, attention_scratch_size, check_attention_shape,
-                                        check_decode_batch)
+from minisgl.engine.cpu.kernels import (DESC_FIELDS, CpuKernels, attention_scratch_size, check_attention_shape,
+                                        check_decode_batch, matmul_format_id)
 from minisgl.engine.cpu.linear import PackedLinear
-from minisgl.engine.cpu.weights import CpuWeight
+from minisgl.engine.cpu.weights import MAX_KERNEL_ROWS, CpuWeight
 
 
 def _linear(x: torch.Tensor, lin: PackedLinear) -> torch.Tensor:
@@ -102,6 +103,28 @@ class FusedCpuForward(nn.Module):
         self.intermediate = cfg.intermediate_size
         self.logits = model.logits_proj if weights is None else weights["logits"]
         self.steps = 0  # forwards run here (tests read it)
+        self.layer_steps = 0  # of them, decode steps run whole by decode_layers
+        self.whole_steps = weights is not None  # decode steps through decode_layers (tests turn it off)
+        self._desc: torch.Tensor | None = None  # decode_layers' layer descriptions, for _desc_pool's pool
+        self._desc_pool: tuple[int, ...] = ()
+
+    def _layer_desc(self, pool) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        """decode_layers' per-layer description (cpu_kernels.c): matmuls, norms and this pool's layers."""
+        key = (pool.k.data_ptr(), pool.v.data_ptr(), pool.k.shape[0])
+        if self._desc is None or self._desc_pool != key:
+            rows = []
+            for i, layer in enumerate(self.layers):
+                row: list[int] = []
+                for w in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                    assert isinstance(w, CpuWeight)
+                    row += [matmul_format_id(w.fmt), w.data.data_ptr(), 0 if w.bias is None else w.bias.data_ptr()]
+                row += [layer.post_norm, layer.next_norm, layer.q_norm or 0, layer.k_norm or 0,
+                        pool.k[i].data_ptr(), pool.v[i].data_ptr()]
+                rows.append(row)
+            self._desc = torch.tensor(rows, dtype=torch.int64)
+            assert self._desc.shape[1] == DESC_FIELDS
+            self._desc_pool = key
+        return self._desc
 
     @staticmethod
     def supports(model: nn.Module, vector: bool = False) -> bool:
@@ -165,6 +188,20 @@ class FusedCpuForward(nn.Module):
             prefill_ctx = ctx.prefill_rows()
             prefill_cos, prefill_sin = inner.rotary_emb(positions[b:])
         add_rmsnorm(residual.data_ptr(), None, self.first_norm, x.data_ptr(), t, hidden, eps)
+        if self.whole_steps and b == t and t <= MAX_KERNEL_ROWS:
+            # a decode-only step: every layer in one C call (decode_layers)
+            n_qkv, inter = (h + 2 * hkv) * d, self.intermediate
+            bufs = [torch.empty(t, n) for n in (n_qkv, hidden, 2 * inter, inter, hidden)]
+            qkv_buf, o_buf, gu_buf, act_buf, down_buf = bufs
+            self.kernels.raw.decode_layers(
+                self._layer_desc(pool).data_ptr(), len(self.layers), residual.data_ptr(), x.data_ptr(),
+                qkv_buf.data_ptr(), attn_out.data_ptr(), o_buf.data_ptr(), gu_buf.data_ptr(), act_buf.data_ptr(),
+                down_buf.data_ptr(), t, hidden, inter, h, hkv, d, eps, cos_sin.data_ptr(), positions.data_ptr(),
+                ctx.write_slots.data_ptr(), table.data_ptr(), table.shape[1], lens.data_ptr(), scratch.data_ptr(),
+                d ** -0.5)
+            self.steps += 1
+            self.layer_steps += 1
+            return self.logits(x).float()
         for i, layer in enumerate(self.layers):
             qkv = mm(x, layer.qkv)
             if b:

@@ -136,6 +136,22 @@ class CpuKernels:
         lib.widen_rows.argtypes = [ctypes.c_int, _P, _P, _I, _I]
         lib.widen_rows.restype = None
         lib.kernels_vector_bits.restype = ctypes.c_int
+        lib.decode_layers.argtypes = [_P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _P, _P,
+                                      _P, _I, _P, _P, _F]
+        lib.decode_layers.restype = None
+        # the bfloat16 dot-product matmuls: in the avx512 build, run only where the CPU has AVX512_BF16
+        from minisgl.engine.cpu_isa import cpu_flags
+
+        self.can_dot = bool(lib.kernels_have_dot()) and "avx512_bf16" in cpu_flags()
+        if lib.kernels_have_dot():
+            lib.panel_bytes.argtypes = [ctypes.c_int, _I, _I]
+            lib.panel_bytes.restype = _I
+            lib.pack_panels.argtypes = [ctypes.c_int, _P, _P, _I, _I]
+            lib.pack_panels.restype = None
+            for fmt in PANEL_FORMATS.values():
+                fn = getattr(lib, "gemm_dot_" + fmt)
+                fn.argtypes = [_P, _P, _P, _P, _I, _I, _I]
+                fn.restype = None
         if lib.kernels_vector_bits() != VECTOR_BITS[isa]:
             raise OSError(f"the {isa} build of the CPU kernels uses {lib.kernels_vector_bits()}-bit vectors")
 
@@ -157,6 +173,34 @@ class CpuKernels:
         out = torch.empty(n, k, dtype=torch.float32)
         self.raw.widen_rows(WEIGHT_FORMATS.index(fmt), weight.data_ptr(), out.data_ptr(), n, k)
         return out
+
+    def pack_panels(self, fmt: str, weight: torch.Tensor, k: int) -> torch.Tensor:
+        """`weight` [n, row bytes] in `fmt` (q4_1, q8_0 or bf16) repacked for the bfloat16 dot kernels
+        (PANEL_FORMATS[fmt]): the same weights, in panels of 16 rows (see cpu_kernels.c)."""
+        if fmt not in PANEL_FORMATS or k % 32 or not self.raw.kernels_have_dot():
+            raise ValueError(f"cannot pack {fmt!r} weights of {k} columns for the dot kernels")
+        n = weight.shape[0]
+        _check(weight, torch.uint8, (n, weight_row_bytes(fmt, k)))
+        out = torch.empty(self.raw.panel_bytes(WEIGHT_FORMATS.index(fmt), n, k), dtype=torch.uint8)
+        self.raw.pack_panels(WEIGHT_FORMATS.index(fmt), weight.data_ptr(), out.data_ptr(), n, k)
+        return out
+
+    def gemm_dot(self, fmt: str, packed: torch.Tensor, x: torch.Tensor, out: torch.Tensor, n: int,
+                 bias: torch.Tensor | None = None) -> None:
+        """out[B, n] = bf16(x)[B, K] @ W^T (+ bias) for W of `fmt` (q4_1, q8_0, bf16) packed by
+        pack_panels: x rounded to bfloat16, the weights exact, float32 sums. Needs can_dot."""
+        b, k = x.shape
+        if not self.can_dot:
+            raise ValueError("the bfloat16 dot kernels need the avx512 build on a CPU with AVX512_BF16")
+        if fmt not in PANEL_FORMATS or k % 32:
+            raise ValueError(f"no dot kernel for {fmt!r} weights of {k} columns")
+        _check(x, torch.float32, (b, k))
+        _check(packed, torch.uint8, (self.raw.panel_bytes(WEIGHT_FORMATS.index(fmt), n, k),))
+        _check(out, torch.float32, (b, n))
+        if bias is not None:
+            _check(bias, torch.float32, (n,))
+        getattr(self.raw, "gemm_dot_" + PANEL_FORMATS[fmt])(packed.data_ptr(), x.data_ptr(), out.data_ptr(),
+                                                              _ptr(bias), b, k, n)
 
     def gemm(self, fmt: str, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, n: int,
              bias: torch.Tensor | None = None) -> None:
@@ -225,7 +269,21 @@ class CpuKernels:
 
 
 WEIGHT_FORMATS = ("f32", "bf16", "q8_0", "q4_1")  # in the order of cpu_kernels.c's FMT_* ids
+# the formats the bfloat16 dot kernels read, by the format they are packed from (pack_panels)
+PANEL_FORMATS = {"q4_1": "q4_1p", "q8_0": "q8_0p", "bf16": "bf16p"}
 _BLOCK_BYTES = {"f32": 128, "bf16": 64, "q8_0": 34, "q4_1": 20}  # per 32 weights
+
+
+# decode_layers' description of a layer (cpu_kernels.c): DESC_FIELDS int64s, a matmul's format id
+DESC_FIELDS = 18
+
+
+def matmul_format_id(fmt: str) -> int:
+    """The format id decode_layers reads: FMT_* for gemm_<fmt>, DOT_FMT + FMT_* for gemm_dot_<fmt>."""
+    for src, panel in PANEL_FORMATS.items():
+        if fmt == panel:
+            return 4 + WEIGHT_FORMATS.index(src)
+    return WEIGHT_FORMATS.index(fmt)
 
 
 def weight_row_bytes(fmt: str, k: int) -> int:

@@ -15,6 +15,13 @@ float32 weights:
     f32           otherwise (dtype float32 keeps every weight exact).
 
 MINISGL_CPU_WEIGHTS=auto|bf16|f32 overrides the choice (bf16: round every weight, GGUF or not).
+
+On a CPU with AVX512_BF16 the q4_1 / q8_0 / bf16 weights are repacked once into the panels of the
+bfloat16 dot-product kernels (cpu_kernels.c: `q4_1p`, `q8_0p`, `bf16p`): the same weights, but each
+matmul input rounded to bfloat16 (as the amx path rounds it), at twice the float32 FMA rate, which
+is what bounds a decode step from batch 4 up. MINISGL_CPU_DOT=auto|bf16|f32 chooses: auto is bf16
+where the CPU has it unless the model is asked for in exact float32 (dtype float32), f32 keeps every
+matmul input float32 (the products those of the float32 model).
 Prompt chunks (more than MAX_KERNEL_ROWS rows) go to a float32 GEMM on the model's own weight: oneDNN's,
 with the weight packed once at load (on a 2-core Zen 5, 1.6-2.3x faster than torch's default float32
 matmul from 32 to 512 rows, and ~1.25x faster than these kernels from 16 rows up when one core has the
@@ -35,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisgl.engine.cpu.kernels import CpuKernels, weight_row_bytes
+from minisgl.engine.cpu.kernels import PANEL_FORMATS, CpuKernels, weight_row_bytes
 
 log = logging.getLogger("minisgl.engine")
 
@@ -43,6 +50,7 @@ log = logging.getLogger("minisgl.engine")
 # stream, and the kernels' register tile is sized for decode batches (bench/RESULTS.md).
 MAX_KERNEL_ROWS = int(os.environ.get("MINISGL_CPU_KERNEL_ROWS", "32"))
 WEIGHT_CHOICES = ("auto", "bf16", "f32")
+DOT_CHOICES = ("auto", "bf16", "f32")
 
 
 @dataclass(eq=False)
@@ -78,8 +86,20 @@ class CpuWeight:
         self.packed = packed
 
     def bind(self, kernels: CpuKernels) -> CpuWeight:
-        self.fn = getattr(kernels.raw, "gemm_" + self.fmt)
+        panel = self.fmt in PANEL_FORMATS.values()
+        if panel and not kernels.can_dot:
+            raise ValueError(f"{self.fmt} weights need the bfloat16 dot kernels, which this CPU or build lacks")
+        self.fn = getattr(kernels.raw, ("gemm_dot_" if panel else "gemm_") + self.fmt)
         return self
+
+    def to_panels(self, kernels: CpuKernels) -> CpuWeight:
+        """The same weights packed for the bfloat16 dot kernels, where their format has a panel one."""
+        if self.fmt not in PANEL_FORMATS:
+            return self
+        out = CpuWeight(PANEL_FORMATS[self.fmt], kernels.pack_panels(self.fmt, self.data, self.k), self.n, self.k,
+                        self.bias, self.dense)
+        out.packed = self.packed
+        return out.bind(kernels)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, k] float32 contiguous -> [rows, n] float32."""
@@ -242,13 +262,24 @@ def find_gguf(model_dir: str | Path | None) -> Path | None:
     return files[0] if len(files) == 1 else None
 
 
+def use_dot(kernels: CpuKernels, lossy_bf16: bool, dot: str | None = None) -> bool:
+    """Whether the matmuls take the bfloat16 dot kernels (MINISGL_CPU_DOT, see the module doc)."""
+    dot = (dot or os.environ.get("MINISGL_CPU_DOT", "auto")).strip().lower()
+    if dot not in DOT_CHOICES:
+        raise ValueError(f"MINISGL_CPU_DOT={dot!r}: choose one of {', '.join(DOT_CHOICES)}")
+    if dot == "bf16" and not kernels.can_dot:
+        log.warning("MINISGL_CPU_DOT=bf16 asked for, but this CPU or kernel build has no AVX512_BF16: float32 inputs")
+    return kernels.can_dot and (dot == "bf16" or (dot == "auto" and lossy_bf16))
+
+
 def weights_for(model: nn.Module, kernels: CpuKernels, model_dir: str | Path | None, lossy_bf16: bool,
-                force: str | None = None) -> dict[str, CpuWeight]:
+                force: str | None = None, dot: str | None = None) -> dict[str, CpuWeight]:
     """CpuWeights for every linear of the model's layers (by module name) and for the logits
-    projection ("logits"), bound to `kernels`."""
+    projection ("logits"), bound to `kernels`; packed for the bfloat16 dot kernels where use_dot."""
     force = (force or os.environ.get("MINISGL_CPU_WEIGHTS", "auto")).strip().lower()
     if force not in WEIGHT_CHOICES:
         raise ValueError(f"MINISGL_CPU_WEIGHTS={force!r}: choose one of {', '.join(WEIGHT_CHOICES)}")
+    panels = use_dot(kernels, lossy_bf16, dot)
     gguf_path = find_gguf(model_dir) if force == "auto" else None
     gguf = None
     if gguf_path is not None:
@@ -259,13 +290,16 @@ def weights_for(model: nn.Module, kernels: CpuKernels, model_dir: str | Path | N
     out: dict[str, CpuWeight] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name != "lm_head":
-            out[name] = make_weight(module.weight, module.bias, gguf, lossy_bf16, force).bind(kernels)
-            out[name].pack_for_gemm()
+            w = make_weight(module.weight, module.bias, gguf, lossy_bf16, force).bind(kernels)
+            w.pack_for_gemm()
+            out[name] = w.to_panels(kernels) if panels else w
     # logits are asked for a few rows per step (one per sequence): no packed copy of the big head
-    out["logits"] = make_weight(model.lm_head_weight(), None, gguf, lossy_bf16, force).bind(kernels)
+    w = make_weight(model.lm_head_weight(), None, gguf, lossy_bf16, force).bind(kernels)
+    out["logits"] = w.to_panels(kernels) if panels else w
     counts: dict[str, int] = {}
     for w in out.values():
         counts[w.fmt] = counts.get(w.fmt, 0) + 1
-    log.info("CPU weights: %s, %.0f MB per decode step%s", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
-             sum(w.nbytes() for w in out.values()) / 1e6, f" (blocks from {gguf_path.name})" if gguf else "")
+    log.info("CPU weights: %s, %.0f MB per decode step%s%s", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
+             sum(w.nbytes() for w in out.values()) / 1e6, f" (blocks from {gguf_path.name})" if gguf else "",
+             "; matmul inputs rounded to bfloat16 for the AVX512_BF16 dot kernels" if panels else "")
     return out
