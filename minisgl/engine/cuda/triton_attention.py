@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from minisgl.cache.kv_pool import KVPool
+from minisgl.engine.cuda.triton_attend import attend_block
 
 LOG2E = 1.4426950408889634
 
@@ -40,32 +41,6 @@ BLOCK_N = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
 MAX_SPLITS = 16
-
-
-@triton.jit
-def attend_block(q, K, V, table_row, offs_n, mask_n, keep, offs_d, mask_d, kvh,
-                 stride_ks, stride_kh, stride_vs, stride_vh, qk_scale, m, l, acc, IEEE: tl.constexpr):
-    """One block of keys of an online softmax (shared by the decode and extend kernels): K/V read in
-    place through the page-table row at offs_n (mask_n), scores outside `keep` dropped; returns the
-    updated running max m (log2 units), sum l and accumulator acc."""
-    slots = tl.load(table_row + offs_n, mask=mask_n, other=0).to(tl.int64)
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + slots[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-    if IEEE:
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        qk = tl.dot(q, tl.trans(k))
-    qk = tl.where(keep, qk * qk_scale, float("-inf"))
-    m_new = tl.maximum(m, tl.max(qk, 1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l = l * alpha + tl.sum(p, 1)
-    v = tl.load(V + slots[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l, acc
 
 
 @triton.jit

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minisgl.engine.cuda.triton_attention import attend_block
+from minisgl.engine.cuda.triton_attend import attend_block
 from minisgl.models.layers import RMSNorm, SiluMLP
 
 LOG2E = 1.4426950408889634
