@@ -28,7 +28,7 @@ HEAD = (49152, 576)
 def random_weight(fmt: str, n: int, k: int, g):  # type: ignore[no-untyped-def]
     import torch
 
-    from minisgl.engine.cpu_kernels import weight_row_bytes
+    from minisgl.engine.cpu.kernels import weight_row_bytes
 
     if fmt == "bf16":
         return torch.randn(n, k, generator=g).bfloat16().view(torch.uint8).reshape(n, -1).contiguous()
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from minisgl.engine.cpu_kernels import PANEL_FORMATS, load_cpu_kernels
+    from minisgl.engine.cpu.kernels import PANEL_FORMATS, load_cpu_kernels
 
     kernels = load_cpu_kernels()
     if kernels is None:
