@@ -140,7 +140,7 @@ class CpuKernels:
                                       _P, _I, _P, _P, _F]
         lib.decode_layers.restype = None
         # the bfloat16 dot-product matmuls: in the avx512 build, run only where the CPU has AVX512_BF16
-        from minisgl.engine.cpu_isa import cpu_flags
+        from minisgl.engine.cpu.isa import cpu_flags
 
         self.can_dot = bool(lib.kernels_have_dot()) and "avx512_bf16" in cpu_flags()
         if lib.kernels_have_dot():
