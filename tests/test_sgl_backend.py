@@ -126,6 +126,21 @@ TINY_QWEN3 = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hid
                   initializer_range=0.2)
 
 
+def save_tiny_qwen3(transformers, path) -> None:
+    """A random tiny Qwen3 (TINY_QWEN3, seed 0) saved as a checkpoint folder at path."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(**TINY_QWEN3)
+    cfg.architectures = ["Qwen3ForCausalLM"]
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+
+
+def engine_config(mc, **sizes):
+    """An EngineConfig for a loaded model's shape with the test's sizes."""
+    from minisgl.engine import EngineConfig
+
+    return EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, **sizes)
+
+
 @needs_triton
 @pytest.mark.parametrize("fused", [True, False], ids=["fused+extend+overlap", "plain+sdpa+sync"])
 def test_sgl_engine_matches_torch_engine(tmp_path, fused) -> None:
@@ -134,18 +149,14 @@ def test_sgl_engine_matches_torch_engine(tmp_path, fused) -> None:
     chunked prefill, mixed steps, prefix reuse and preemption."""
     transformers = pytest.importorskip("transformers")
     from minisgl.engine.cuda.engine import SGLEngine
-    from minisgl.engine import Engine, EngineConfig
+    from minisgl.engine import Engine
     from minisgl.messages import SamplingParams, TokenizedReq
     from minisgl.models import load_model
 
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(**TINY_QWEN3)
-    cfg.architectures = ["Qwen3ForCausalLM"]
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    save_tiny_qwen3(transformers, tmp_path)
     model = load_model(tmp_path, device=DEVICE, dtype=torch.float32)
     mc = model.config
-    ecfg = EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-                        kv_tokens=90, max_model_len=64, max_running=4, chunk_size=16)
+    ecfg = engine_config(mc, kv_tokens=90, max_model_len=64, max_running=4, chunk_size=16)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (3, 17, 40, 9)]
 
@@ -194,7 +205,7 @@ def test_graph_decode_path_matches_torch_engine(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
     from minisgl.engine.cuda.engine import SGLEngine
     from minisgl.engine.cuda.graph import DecodeGraphs
-    from minisgl.engine import Engine, EngineConfig
+    from minisgl.engine import Engine
     from minisgl.messages import SamplingParams, TokenizedReq
     from minisgl.models import load_model
 
@@ -209,14 +220,10 @@ def test_graph_decode_path_matches_torch_engine(tmp_path) -> None:
             self.replays[(step.bs, step.b)] = self.replays.get((step.bs, step.b), 0) + 1
             return super().replay(step)
 
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(**TINY_QWEN3)
-    cfg.architectures = ["Qwen3ForCausalLM"]
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    save_tiny_qwen3(transformers, tmp_path)
     model = load_model(tmp_path, device=DEVICE, dtype=torch.float32)
     mc = model.config
-    ecfg = EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-                        kv_tokens=400, max_model_len=64, max_running=6, chunk_size=8)
+    ecfg = engine_config(mc, kv_tokens=400, max_model_len=64, max_running=6, chunk_size=8)
     gen = torch.Generator().manual_seed(2)
     lens = (3, 9, 20, 5, 12, 7)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in lens]
@@ -254,7 +261,7 @@ def test_prefill_graph_path_matches_torch_engine(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
     from minisgl.engine.cuda.engine import SGLEngine
     from minisgl.engine.cuda.graph import DecodeGraphs, PrefillGraphs
-    from minisgl.engine import Engine, EngineConfig
+    from minisgl.engine import Engine
     from minisgl.messages import SamplingParams, TokenizedReq
     from minisgl.models import load_model
 
@@ -274,14 +281,10 @@ def test_prefill_graph_path_matches_torch_engine(tmp_path) -> None:
             self.replays[step.tokens] = self.replays.get(step.tokens, 0) + 1
             return super().replay(step)
 
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(**TINY_QWEN3)
-    cfg.architectures = ["Qwen3ForCausalLM"]
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    save_tiny_qwen3(transformers, tmp_path)
     model = load_model(tmp_path, device=DEVICE, dtype=torch.float32)
     mc = model.config
-    ecfg = EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-                        kv_tokens=400, max_model_len=96, max_running=4, chunk_size=40)
+    ecfg = engine_config(mc, kv_tokens=400, max_model_len=96, max_running=4, chunk_size=40)
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (5, 23, 70, 11)]
     prompts.append(prompts[2][:50] + prompts[1])  # a cached 50-token prefix, then new tokens
@@ -394,10 +397,7 @@ def test_batch1_gemv_layer_path_matches_torch_engine(tmp_path, monkeypatch) -> N
     calls = []
     real = triton_gemv.gemv
     monkeypatch.setattr(triton_gemv, "gemv", lambda *a, **k: calls.append(k.get("pro", 0)) or real(*a, **k))
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(**TINY_QWEN3)
-    cfg.architectures = ["Qwen3ForCausalLM"]
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    save_tiny_qwen3(transformers, tmp_path)
     ecfg = EngineConfig(num_layers=2, num_kv_heads=2, head_dim=16, kv_tokens=64, max_model_len=64, max_running=2,
                         chunk_size=16)
     prompt = torch.randint(0, 512, (21,), generator=torch.Generator().manual_seed(3)).tolist()
@@ -496,18 +496,14 @@ def test_overlap_scheduling_stops_aborts_and_preemption(tmp_path) -> None:
     flight reports only delivered tokens; a small pool forces preemption."""
     transformers = pytest.importorskip("transformers")
     from minisgl.engine.cuda.engine import SGLEngine
-    from minisgl.engine import Engine, EngineConfig
+    from minisgl.engine import Engine
     from minisgl.messages import SamplingParams, TokenizedReq
     from minisgl.models import load_model
 
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(**TINY_QWEN3)
-    cfg.architectures = ["Qwen3ForCausalLM"]
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    save_tiny_qwen3(transformers, tmp_path)
     model = load_model(tmp_path, device=DEVICE, dtype=torch.float32)
     mc = model.config
-    ecfg = EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-                        kv_tokens=48, max_model_len=40, max_running=4, chunk_size=16)
+    ecfg = engine_config(mc, kv_tokens=48, max_model_len=40, max_running=4, chunk_size=16)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (4, 13, 22, 7)]
 
@@ -560,18 +556,14 @@ def test_sgl_engine_logprobs_echo_and_penalties_match_torch_engine(tmp_path) -> 
     come out as in the torch engine, through chunked prompts and preemption (a tiny pool)."""
     transformers = pytest.importorskip("transformers")
     from minisgl.engine.cuda.engine import SGLEngine
-    from minisgl.engine import Engine, EngineConfig
+    from minisgl.engine import Engine
     from minisgl.messages import SamplingParams, TokenizedReq
     from minisgl.models import load_model
 
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(**TINY_QWEN3)
-    cfg.architectures = ["Qwen3ForCausalLM"]
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    save_tiny_qwen3(transformers, tmp_path)
     model = load_model(tmp_path, device=DEVICE, dtype=torch.float32)
     mc = model.config
-    ecfg = EngineConfig(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-                        kv_tokens=90, max_model_len=64, max_running=4, chunk_size=16)
+    ecfg = engine_config(mc, kv_tokens=90, max_model_len=64, max_running=4, chunk_size=16)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (3, 17, 40, 9)]
     params = [SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=2),
