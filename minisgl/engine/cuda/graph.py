@@ -79,7 +79,23 @@ class _Graph:
     ctx: Any  # triton_attention.SGLContext (imported lazily: the helpers above need no Triton)
 
 
-class DecodeGraphs:
+class _ForwardGraphs:
+    """What decode and prefill graphs share: capturing one forward of the model over static inputs."""
+
+    model: torch.nn.Module
+    device: torch.device
+
+    def _capture_one(self, ids: torch.Tensor, positions: torch.Tensor, ctx: Any, mempool: Any
+                     ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self.model(ids, positions, ctx)  # warm-up: compiles this shape's Triton kernels, sets up cuBLAS
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=mempool):
+            logits = self.model(ids, positions, ctx)
+        return graph, logits
+
+
+class DecodeGraphs(_ForwardGraphs):
     def __init__(self, model: torch.nn.Module, pool: KVPool, table: torch.Tensor, max_bs: int,
                  num_heads: int, num_kv_heads: int, device: torch.device, num_sms: int | None = None) -> None:
         self.model = model
@@ -122,15 +138,6 @@ class DecodeGraphs:
         self.capture_s = time.perf_counter() - t0
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1fs", len(self.sizes),
                     _short(self.sizes), self.capture_s)
-
-    def _capture_one(self, ids: torch.Tensor, positions: torch.Tensor, ctx: Any, mempool: Any
-                     ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        self.model(ids, positions, ctx)  # warm-up: compiles the Triton kernels, sets up cuBLAS
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=mempool):
-            logits = self.model(ids, positions, ctx)
-        return graph, logits
 
     def prepare(self, ids: list[int], positions: list[int], rows: list[int], slots: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, GraphStep]:
@@ -177,7 +184,7 @@ class _PrefillGraph:
     max_blocks: int
 
 
-class PrefillGraphs:
+class PrefillGraphs(_ForwardGraphs):
     """CUDA graphs of the forward over a step's prompt chunks, by token-count bucket (see the module doc)."""
 
     def __init__(self, model: torch.nn.Module, pool: KVPool, table: torch.Tensor, num_heads: int,
@@ -242,15 +249,6 @@ class PrefillGraphs:
         self.capture_s = time.perf_counter() - t0
         logger.info("captured %d prefill CUDA graphs (up to %d tokens, %d chunks) in %.1fs", len(self.buckets),
                     self.max_tokens, self.max_segments, self.capture_s)
-
-    def _capture_one(self, ids: torch.Tensor, positions: torch.Tensor, ctx: Any, mempool: Any
-                     ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        self.model(ids, positions, ctx)  # warm-up: compiles this bucket's kernels
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=mempool):
-            logits = self.model(ids, positions, ctx)
-        return graph, logits
 
     def prepare(self, ids: list[int], positions: list[int], slots: torch.Tensor, logits_rows: list[int],
                 specs: list[tuple[int, int, int, int]]) -> PrefillStep:
