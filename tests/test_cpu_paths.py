@@ -106,6 +106,39 @@ def test_gemm_widens_to_exactly_the_dequantized_weights(kernels: CpuKernels, fmt
     assert torch.equal(out.T, dense_of(fmt, blocks, k))
 
 
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "bf16"])
+def test_fma_gemm_matches_float64(kernels: CpuKernels, fmt: str) -> None:
+    """The float32 FMA kernels over the panels (every AVX2 / AVX-512 build): float32 inputs, the
+    weights exact, float32 sums. Every batch size past the tile (6 rows with AVX-512, 3 with AVX2), a
+    row count that is no multiple of the 16-row panel (nor of AVX2's 8-row half), with and without bias."""
+    g = torch.Generator().manual_seed(11)
+    n, k = 70, 96
+    blocks = random_blocks(fmt, n, k, g)
+    w = dense_of(fmt, blocks, k)
+    packed = kernels.pack_panels(fmt, torch.from_numpy(blocks.copy()), k)
+    bias = torch.randn(n, generator=g)
+    for b in (1, 2, 3, 4, 5, 6, 7, 9, 13, 16, 20):
+        x = torch.randn(b, k, generator=g)
+        for with_bias in (False, True):
+            out = torch.full((b, n), float("nan"))
+            kernels.gemm_panels(fmt, packed, x, out, n, bias if with_bias else None)
+            want = x.double() @ w.double().T + (bias.double() if with_bias else 0)
+            err = ((out.double() - want).abs().max() / want.abs().max()).item()
+            assert err < 2e-6, (b, with_bias, err)  # float32 sums of float32 products, not bfloat16 inputs
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "bf16"])
+def test_fma_gemm_keeps_the_weights(kernels: CpuKernels, fmt: str) -> None:
+    """x = rows of the identity: each output is one weight, exactly gguf-py's float32 one (Q4_1: d * q
+    is exact and + m rounds once, as the dequantization does)."""
+    g = torch.Generator().manual_seed(12)
+    n, k = 20, 64
+    blocks = random_blocks(fmt, n, k, g)
+    out = torch.empty(k, n)
+    kernels.gemm_panels(fmt, kernels.pack_panels(fmt, torch.from_numpy(blocks.copy()), k), torch.eye(k), out, n)
+    assert torch.equal(out.T, dense_of(fmt, blocks, k))
+
+
 @pytest.fixture()
 def dot_kernels(kernels: CpuKernels) -> CpuKernels:
     if not kernels.can_dot:
@@ -272,9 +305,12 @@ def test_gguf_tensors_and_their_weights_as_gguf_py_reads_them(gguf_path: Path, k
 def test_every_linear_of_the_default_model_is_its_gguf_blocks(model, model_dir: Path, kernels: CpuKernels) -> None:
     weights = weights_for(model, kernels, model_dir, lossy_bf16=False)
     fmts = {name: w.fmt for name, w in weights.items()}
-    assert fmts.pop("logits") == "q8_0"  # the tied embedding
-    assert set(fmts.values()) == {"q4_1"} and len(fmts) == 4 * model.config.num_layers
-    assert sum(w.nbytes() for w in weights.values()) < 110e6  # vs 540 MB of float32
+    # the GGUF's blocks, repacked into the panels the FMA kernels read (lossy_bf16=False: no bfloat16 inputs)
+    assert fmts.pop("logits") == "q8_0p"  # the tied embedding
+    assert set(fmts.values()) == {"q4_1p"} and len(fmts) == 4 * model.config.num_layers
+    assert not any(w.dot for w in weights.values())
+    # 66 MB of Q4_1 layers and the Q8_0 head's integers as bfloat16 (57 MB), vs 540 MB of float32
+    assert sum(w.nbytes() for w in weights.values()) < 130e6
 
 
 def test_gguf_match_is_exact_or_nothing(model, gguf_blocks: GgufBlocks) -> None:
@@ -389,8 +425,9 @@ def test_gguf_blocks_path_greedy_equals_transformers(model_dir: Path, eos, promp
     answers equal float32 transformers' on every prompt, in one batch with prefill and decode; with
     the bfloat16 dot kernels too (only the matmul inputs are rounded; on these prompts no token moves)."""
     fused = _vector_forward(model_dir, isa, dot=dot)
-    want_fmts = {"q4_1p", "q8_0p"} if dot == "bf16" else {"q4_1", "q8_0"}
-    assert {w.fmt for w in fused.weights.values()} == want_fmts  # type: ignore[union-attr]
+    weights = fused.weights.values()  # type: ignore[union-attr]
+    assert {w.fmt for w in weights} == {"q4_1p", "q8_0p"}  # the GGUF's blocks, in panels
+    assert {w.dot for w in weights} == {dot == "bf16"}  # float32 FMA or bfloat16 dot-product kernels
     col = run_all(make_engine(fused), [request(str(i), p, eos) for i, p in enumerate(prompts)])
     for i, want in enumerate(expected):
         assert col.tokens[str(i)] == want, f"prompt {i}"

@@ -439,6 +439,11 @@ void decode_attention_f32(const float *qkv, const float *q_norm_w, const float *
 #define BR 2
 #endif
 #define NV (32 / VL) /* vectors per block of 32 weights */
+/* A decode step streams every weight from memory once (~100 MB, more than the L3), so each kernel
+   asks for the bytes PF_AHEAD ahead of the ones it reads: on a 2-core Zen 5 this took the bfloat16
+   dot kernels' layer matmuls at batch 16 from 5.2 to 3.1 ms a step (gate_up) and the logits matmul at
+   batch 1 from 1.0 to 0.65 ms. A thread's rows are one contiguous run, so "ahead" is simply further on. */
+#define PF_AHEAD 8192
 
 typedef float vf __attribute__((vector_size(VL * 4)));
 typedef int32_t vi __attribute__((vector_size(VL * 4)));
@@ -590,6 +595,8 @@ static inline __attribute__((always_inline)) void gemm_impl(int fmt, const uint8
             for (int64_t n = 0; n < NR; n++) {
                 if (n < nr) {
                     const uint8_t *row = W + (n0 + n) * row_bytes;
+                    for (int64_t off = 0; off < row_bytes; off += 64) /* see PF_AHEAD */
+                        __builtin_prefetch(row + PF_AHEAD + off, 0, 3);
                     for (int64_t blk = 0; blk < blocks; blk++) widen_block(fmt, row, blk, wbuf + n * K + blk * 32);
                 } else {
                     memset(wbuf + n * K, 0, K * sizeof(float)); /* past the last row: zeros, not stored */
@@ -635,34 +642,26 @@ void widen_rows(int fmt, const uint8_t *W, float *out, int64_t N, int64_t K) {
         for (int64_t blk = 0; blk < blocks; blk++) widen_block(fmt, W + n * row_bytes, blk, out + n * K + blk * 32);
 }
 
-/* ------------------------------------------------------------------ bfloat16 dot-product matmuls
+/* ------------------------------------------------------------------ weight panels
 
-   On a CPU with AVX512_BF16 (vdpbf16ps: 32 bfloat16 products summed into 16 float32 lanes per
-   instruction, twice the float32 FMA rate) the float32 kernels above are compute-bound from batch 4
-   up (on a 2-core Zen 5, ~74 G float32 multiply-adds/s against ~150 G bfloat16 ones). These kernels
-   round the matmul input x to bfloat16 (as the amx path does) but keep the weights exact: the Q4_1 /
-   Q8_0 integers are bfloat16 values as they are, and the block scales multiply float32 sums:
-
-     y[n] = sum_j d[n,j] * sum_i q[n,j,i] x[j,i]  (+ m[n,j] * sum_i x[j,i] for Q4_1)
-
-   The weights are repacked once at load (pack_panels) into panels of 16 output rows, so that each
-   vector lane is one output row and the inner loop is a vdpbf16ps per pair of inputs (the pair
-   broadcast to every lane), with no horizontal sums. Per panel and block of 32 inputs:
+   The Q4_1 / Q8_0 / bfloat16 weights repacked once at load (pack_panels) into panels of 16 output
+   rows, so that each vector lane is one output row and a matmul's inner loop multiplies a vector of
+   16 rows' weights by one input broadcast to every lane: no weights widened into a buffer, no
+   horizontal sums. Per panel and block of 32 inputs:
 
      q4_1p  fp16 d[16], fp16 m[16], then 8 x 32 bytes: byte 32 p + 2 r + e holds, for row r, weights
             2p + e (low nibble) and 2p + 16 + e (high nibble), as the GGUF block's byte 2p + e does.
-            A nibble q becomes the bfloat16 128 + q by one OR (0x4300 | q), so the sum carries
-            128 * sum x, taken back with m' = m - 128 d.                          320 bytes
+                                                                                          320 bytes
      q8_0p  fp16 d[16], then 16 x 64 bytes: pair p of every row as two bfloat16 integers. 1056 bytes
      bf16p  16 x 64 bytes: pair p of every row, bfloat16 weights, no scale.             1024 bytes
 
-   Rows past N in the last panel are zeros. */
-#if defined(__AVX512F__)
-#define DOT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma")))
-#ifndef DBR
-#define DBR 8
-#endif /* batch rows per register tile: 3 x DBR accumulators + the weights fit 32 registers */
+   Rows past N in the last panel are zeros. Two kernels read them: the float32 FMA ones right below
+   (every AVX2 / AVX-512 CPU) and the bfloat16 dot-product ones after them (AVX512_BF16). Both compute
 
+     y[n] = sum_j d[n,j] * sum_i q[n,j,i] x[j,i]  (+ m[n,j] * sum_i x[j,i] for Q4_1)
+
+   with the weights exact (the nibbles and Q8_0 integers are float32 and bfloat16 values as they are). */
+#if defined(__AVX2__)
 static inline int64_t panel_block_bytes(int fmt) {
     return fmt == FMT_Q4_1 ? 320 : fmt == FMT_Q8_0 ? 1056 : 1024;
 }
@@ -707,11 +706,188 @@ void pack_panels(int fmt, const uint8_t *W, uint8_t *out, int64_t N, int64_t K) 
         }
 }
 
+int kernels_have_panels(void) { return 1; }
+
+/* ------------------------------------------------------------------ float32 FMA matmuls over the panels
+
+   x stays float32 and each weight becomes the float32 it is (a nibble or Q8_0 integer by one convert,
+   a bfloat16 by one shift): the products are the float32 model's own weights times float32 inputs,
+   only summed in another order (the block scale applied to the block's sum). Where the row kernels
+   above (gemm_impl) widen a panel into a buffer and sum each row horizontally, ~7 G multiply-adds/s
+   at batch 1 on a Zen 5 core pair, these stream the compact weights at about the speed of memory. */
+#if defined(__AVX512F__)
+#define FBR 6 /* batch rows per tile: 3 x FBR accumulators + 4 weight vectors fit 32 registers */
+static inline vu ld_nibble_pairs(const uint8_t *p) { /* 16 rows x 2 bytes, zero-extended to 32 bits */
+    return (vu)_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+}
+static inline vf ld_fp16s(const uint8_t *p) { return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+#else
+#define FBR 3 /* 16 registers */
+static inline vu ld_nibble_pairs(const uint8_t *p) {
+    return (vu)_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+}
+static inline vf ld_fp16s(const uint8_t *p) { return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+#endif
+static inline vu ld_vu(const uint8_t *p) {
+    vu v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline vf u_to_f(vu v) { return __builtin_convertvector((vi)v, vf); }
+
+/* y[b, r0 + lane] for the panel's rows r0 .. r0 + VL (lanes < nr), b < br: panel P times float32 rows
+   x [br, K], xs [br, K / 32] their block sums (Q4_1's m term). pf: prefetch the weights ahead, or NULL. */
+static inline __attribute__((always_inline)) void fma_tile(int fmt, const uint8_t *P, int64_t r0, const float *x,
+                                                           const float *xs, int64_t K, int br, float *y,
+                                                           int64_t ldy, int64_t nr, const float *bias,
+                                                           const uint8_t *pf) {
+    const int64_t blocks = K / 32, pbb = panel_block_bytes(fmt);
+    vf acc[FBR];
+#pragma GCC unroll 8
+    for (int b = 0; b < FBR; b++) acc[b] = (vf){};
+    for (int64_t j = 0; j < blocks; j++) {
+        const uint8_t *pb = P + j * pbb;
+        const float *xj = x + j * 32;
+        if (pf)
+            for (int64_t l = 0; l < pbb; l += 64) __builtin_prefetch(pf + j * pbb + l, 0, 3);
+        vf a0[FBR], a1[FBR];
+#pragma GCC unroll 8
+        for (int b = 0; b < FBR; b++) a0[b] = a1[b] = (vf){};
+        if (fmt == FMT_Q4_1) {
+#pragma GCC unroll 8
+            for (int pp = 0; pp < 8; pp++) {
+                const vu v = ld_nibble_pairs(pb + 64 + 32 * pp + 2 * r0);
+                const vf w0 = u_to_f(v & 15), w16 = u_to_f((v >> 4) & 15);
+                const vf w1 = u_to_f((v >> 8) & 15), w17 = u_to_f((v >> 12) & 15);
+#pragma GCC unroll 8
+                for (int b = 0; b < FBR; b++) {
+                    if (b < br) {
+                        const float *xb = xj + b * K;
+                        a0[b] += w0 * xb[2 * pp];
+                        a1[b] += w16 * xb[16 + 2 * pp];
+                        a0[b] += w1 * xb[2 * pp + 1];
+                        a1[b] += w17 * xb[17 + 2 * pp];
+                    }
+                }
+            }
+            const vf d = ld_fp16s(pb + 2 * r0), m = ld_fp16s(pb + 32 + 2 * r0);
+#pragma GCC unroll 8
+            for (int b = 0; b < FBR; b++) {
+                if (b < br) {
+                    acc[b] += (a0[b] + a1[b]) * d;
+                    acc[b] += m * xs[b * blocks + j];
+                }
+            }
+        } else {
+            const uint8_t *q = pb + (fmt == FMT_Q8_0 ? 32 : 0);
+#pragma GCC unroll 16
+            for (int pp = 0; pp < 16; pp++) {
+                const vu v = ld_vu(q + 64 * pp + 4 * r0);
+                vf we, wo; /* the pair's bfloat16 values, widened: a shift, a mask */
+                const vu ue = v << 16, uo = v & 0xFFFF0000u;
+                memcpy(&we, &ue, sizeof we);
+                memcpy(&wo, &uo, sizeof wo);
+#pragma GCC unroll 8
+                for (int b = 0; b < FBR; b++) {
+                    if (b < br) {
+                        a0[b] += we * xj[b * K + 2 * pp];
+                        a1[b] += wo * xj[b * K + 2 * pp + 1];
+                    }
+                }
+            }
+            const vf d = fmt == FMT_Q8_0 ? ld_fp16s(pb + 2 * r0) : (vf){} + 1.f;
+#pragma GCC unroll 8
+            for (int b = 0; b < FBR; b++)
+                if (b < br) acc[b] += (a0[b] + a1[b]) * d;
+        }
+    }
+    const int64_t lanes = nr - r0 < VL ? nr - r0 : VL;
+    for (int b = 0; b < br; b++) {
+        float *yb = y + b * ldy + r0;
+        if (bias) acc[b] += lanes == VL ? load_vf(bias + r0) : (vf){};
+        if (lanes == VL) {
+            memcpy(yb, &acc[b], sizeof acc[b]);
+        } else {
+            for (int64_t i = 0; i < lanes; i++) yb[i] = acc[b][i] + (bias ? bias[r0 + i] : 0.f);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void gemm_fma_impl(int fmt, const uint8_t *W, const float *x,
+                                                                float *y, const float *bias, int64_t B,
+                                                                int64_t K, int64_t N) {
+    const int64_t blocks = K / 32, panels = (N + 15) / 16, pstride = blocks * panel_block_bytes(fmt);
+    float *xs = NULL;
+    if (fmt == FMT_Q4_1) { /* every thread sums the blocks itself (a few microseconds): no barrier */
+        xs = aligned_alloc(64, (size_t)(B * blocks * 4 + 63) / 64 * 64);
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t j = 0; j < blocks; j++) {
+                vf s = (vf){};
+                for (int v = 0; v < NV; v++) s += load_vf(x + b * K + j * 32 + v * VL);
+                xs[b * blocks + j] = hsum(s);
+            }
+    }
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; p++) {
+        const int64_t n0 = p * 16, nr = N - n0 < 16 ? N - n0 : 16;
+        const uint8_t *P = W + p * pstride;
+        const float *pbias = bias ? bias + n0 : NULL;
+        for (int64_t r0 = 0; r0 < nr; r0 += VL) {
+            const uint8_t *pf = r0 ? NULL : P + PF_AHEAD;
+            int64_t b0 = 0;
+            for (; b0 + FBR <= B; b0 += FBR)
+                fma_tile(fmt, P, r0, x + b0 * K, xs ? xs + b0 * blocks : NULL, K, FBR, y + b0 * N + n0, N, nr,
+                         pbias, b0 ? NULL : pf);
+#define FMA_REST(r)                                                                                           \
+    case r:                                                                                                   \
+        fma_tile(fmt, P, r0, x + b0 * K, xs ? xs + b0 * blocks : NULL, K, r, y + b0 * N + n0, N, nr, pbias,  \
+                 b0 ? NULL : pf);                                                                             \
+        break;
+            switch (B - b0) { /* constant row counts: the tile's loops unroll */
+#if FBR > 5
+                FMA_REST(5) FMA_REST(4) FMA_REST(3)
+#endif
+                FMA_REST(2) FMA_REST(1)
+            default: break;
+            }
+#undef FMA_REST
+        }
+    }
+    free(xs);
+}
+
+/* y [B, N] = x [B, K] @ W^T (+ bias), float32 x, for W packed by pack_panels */
+#define GEMM_FMA_ENTRY(name, fmt)                                                                      \
+    void name(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K,     \
+              int64_t N) {                                                                              \
+        _Pragma("omp parallel") gemm_fma_impl(fmt, W, x, y, bias, B, K, N);                            \
+    }
+GEMM_FMA_ENTRY(gemm_fma_q4_1p, FMT_Q4_1)
+GEMM_FMA_ENTRY(gemm_fma_q8_0p, FMT_Q8_0)
+GEMM_FMA_ENTRY(gemm_fma_bf16p, FMT_BF16)
+#else
+int kernels_have_panels(void) { return 0; }
+#endif
+
+/* ------------------------------------------------------------------ bfloat16 dot-product matmuls
+
+   On a CPU with AVX512_BF16 (vdpbf16ps: 32 bfloat16 products summed into 16 float32 lanes per
+   instruction, twice the float32 FMA rate) over the same panels: the matmul input x is rounded to
+   bfloat16 (as the amx path rounds it), the weights stay exact, and the inner loop is one vdpbf16ps
+   per pair of inputs (the pair broadcast to every lane). A Q4_1 nibble q becomes the bfloat16
+   128 + q by one OR (0x4300 | q), so the sum carries 128 * sum x, taken back with m' = m - 128 d. */
+#if defined(__AVX512F__)
+#define DOT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma")))
+#ifndef DBR
+#define DBR 8
+#endif /* batch rows per register tile: 3 x DBR accumulators + the weights fit 32 registers */
+
 /* y[b, n0 + r] for r < nr, b < br: one panel P times bfloat16 rows xb [br, K], with xs [br, K / 32]
    the block sums of xb (Q4_1's m term) */
 DOT_TARGET static inline __attribute__((always_inline)) void dot_tile(int fmt, const uint8_t *P, const uint16_t *xb,
                                                                       const float *xs, int64_t K, int br, float *y,
-                                                                      int64_t ldy, int64_t nr, const float *bias) {
+                                                                      int64_t ldy, int64_t nr, const float *bias,
+                                                                      const uint8_t *pf) {
     const int64_t blocks = K / 32, pbb = panel_block_bytes(fmt);
     __m512 acc[DBR], a0[DBR], a1[DBR];
 #pragma GCC unroll 8
@@ -719,6 +895,8 @@ DOT_TARGET static inline __attribute__((always_inline)) void dot_tile(int fmt, c
     const __m512i lo4 = _mm512_set1_epi16(0x000F), off = _mm512_set1_epi16(0x4300);
     for (int64_t j = 0; j < blocks; j++) {
         const uint8_t *pb = P + j * pbb;
+        if (pf) /* the weights stream from memory once a step: ask for them ahead of the loads */
+            for (int64_t l = 0; l < pbb; l += 64) __builtin_prefetch(pf + j * pbb + l, 0, 3);
 #pragma GCC unroll 8
         for (int b = 0; b < DBR; b++) a0[b] = a1[b] = _mm512_setzero_ps();
         if (fmt == FMT_Q4_1) {
@@ -808,9 +986,13 @@ DOT_TARGET static inline __attribute__((always_inline)) void gemm_dot_impl(int f
         const float *pbias = bias ? bias + n0 : NULL;
         int64_t b0 = 0;
         for (; b0 + DBR <= B; b0 += DBR)
-            dot_tile(fmt, P, xb + b0 * K, xs + b0 * blocks, K, DBR, y + b0 * N + n0, N, nr, pbias);
-#define DOT_REST(r) \
-    case r: dot_tile(fmt, P, xb + b0 * K, xs + b0 * blocks, K, r, y + b0 * N + n0, N, nr, pbias); break;
+            dot_tile(fmt, P, xb + b0 * K, xs + b0 * blocks, K, DBR, y + b0 * N + n0, N, nr, pbias,
+                     b0 ? NULL : P + PF_AHEAD);
+#define DOT_REST(r)                                                                                  \
+    case r:                                                                                          \
+        dot_tile(fmt, P, xb + b0 * K, xs + b0 * blocks, K, r, y + b0 * N + n0, N, nr, pbias,        \
+                 b0 ? NULL : P + PF_AHEAD);                                                          \
+        break;
         switch (B - b0) { /* constant row counts: the tile's loops unroll */
             DOT_REST(7) DOT_REST(6) DOT_REST(5) DOT_REST(4) DOT_REST(3) DOT_REST(2) DOT_REST(1)
         default: break;
@@ -856,13 +1038,14 @@ int kernels_have_dot(void) { return 0; }
    Bit-identical to the kernel-per-op loop (the same row functions, not inlined).
 
    desc: DESC_FIELDS int64s per layer (cpu_forward.py fills them):
-     for each of qkv, o, gate_up, down: format (FMT_* of gemm_*, or DOT_FMT + FMT_* for the panels of
-     gemm_dot_*), weight pointer, bias pointer (or 0); then post_norm, next_norm, q_norm (or 0),
+     for each of qkv, o, gate_up, down: format (FMT_* of gemm_*, or FMA_FMT / DOT_FMT + FMT_* for the
+     panels of gemm_fma_* / gemm_dot_*), weight pointer, bias pointer (or 0); then post_norm, next_norm, q_norm (or 0),
      k_norm (or 0), k_pool, v_pool of the layer.
    On entry x = rmsnorm(residual) * the first layer's input norm; on return x = the final norm of the
    updated residual (for the logits), and residual updated. */
 #define DESC_FIELDS 18
 #define DOT_FMT 4
+#define FMA_FMT 8
 
 static void gemm_body_f32(const uint8_t *W, const float *x, float *y, const float *b, int64_t B, int64_t K, int64_t N) {
     gemm_impl(FMT_F32, W, x, y, b, B, K, N);
@@ -876,6 +1059,16 @@ static void gemm_body_q8_0(const uint8_t *W, const float *x, float *y, const flo
 static void gemm_body_q4_1(const uint8_t *W, const float *x, float *y, const float *b, int64_t B, int64_t K, int64_t N) {
     gemm_impl(FMT_Q4_1, W, x, y, b, B, K, N);
 }
+#if defined(__AVX2__)
+static void gemm_fma_body(int fmt, const uint8_t *W, const float *x, float *y, const float *b, int64_t B, int64_t K,
+                          int64_t N) {
+    switch (fmt) { /* a constant format in each: the tile's loops specialize */
+    case FMT_Q4_1: gemm_fma_impl(FMT_Q4_1, W, x, y, b, B, K, N); break;
+    case FMT_Q8_0: gemm_fma_impl(FMT_Q8_0, W, x, y, b, B, K, N); break;
+    default: gemm_fma_impl(FMT_BF16, W, x, y, b, B, K, N); break;
+    }
+}
+#endif
 #if defined(__AVX512F__)
 /* not inlined: the caller is built without AVX512_BF16, and only runs these where the CPU has it */
 DOT_TARGET __attribute__((noinline)) static void gemm_dot_body(int fmt, const uint8_t *W, const float *x, float *y,
@@ -896,11 +1089,17 @@ static void gemm_any(const int64_t *d, const float *x, float *y, int64_t B, int6
     case FMT_BF16: gemm_body_bf16(W, x, y, bias, B, K, N); break;
     case FMT_Q8_0: gemm_body_q8_0(W, x, y, bias, B, K, N); break;
     case FMT_Q4_1: gemm_body_q4_1(W, x, y, bias, B, K, N); break;
-#if defined(__AVX512F__)
-    default: gemm_dot_body((int)(d[0] - DOT_FMT), W, x, y, bias, B, K, N); break;
-#else
-    default: break; /* never: cpu_forward.py only hands this build the formats it has */
+    default:
+#if defined(__AVX2__)
+        if (d[0] >= FMA_FMT) {
+            gemm_fma_body((int)(d[0] - FMA_FMT), W, x, y, bias, B, K, N);
+            break;
+        }
 #endif
+#if defined(__AVX512F__)
+        gemm_dot_body((int)(d[0] - DOT_FMT), W, x, y, bias, B, K, N);
+#endif
+        break; /* cpu_forward.py only hands this build the formats it has */
     }
 }
 

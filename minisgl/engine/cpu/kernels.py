@@ -139,19 +139,22 @@ class CpuKernels:
         lib.decode_layers.argtypes = [_P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _P, _P,
                                       _P, _I, _P, _P, _F]
         lib.decode_layers.restype = None
-        # the bfloat16 dot-product matmuls: in the avx512 build, run only where the CPU has AVX512_BF16
+        # the panel matmuls: float32 FMAs in both builds, the bfloat16 dot-product ones in the avx512
+        # build, run only where the CPU has AVX512_BF16
         from minisgl.engine.cpu.isa import cpu_flags
 
+        self.has_panels = bool(lib.kernels_have_panels())
         self.can_dot = bool(lib.kernels_have_dot()) and "avx512_bf16" in cpu_flags()
-        if lib.kernels_have_dot():
+        if self.has_panels:
             lib.panel_bytes.argtypes = [ctypes.c_int, _I, _I]
             lib.panel_bytes.restype = _I
             lib.pack_panels.argtypes = [ctypes.c_int, _P, _P, _I, _I]
             lib.pack_panels.restype = None
             for fmt in PANEL_FORMATS.values():
-                fn = getattr(lib, "gemm_dot_" + fmt)
-                fn.argtypes = [_P, _P, _P, _P, _I, _I, _I]
-                fn.restype = None
+                for kind in ("fma",) + (("dot",) if lib.kernels_have_dot() else ()):
+                    fn = getattr(lib, f"gemm_{kind}_{fmt}")
+                    fn.argtypes = [_P, _P, _P, _P, _I, _I, _I]
+                    fn.restype = None
         if lib.kernels_vector_bits() != VECTOR_BITS[isa]:
             raise OSError(f"the {isa} build of the CPU kernels uses {lib.kernels_vector_bits()}-bit vectors")
 
@@ -177,30 +180,36 @@ class CpuKernels:
     def pack_panels(self, fmt: str, weight: torch.Tensor, k: int) -> torch.Tensor:
         """`weight` [n, row bytes] in `fmt` (q4_1, q8_0 or bf16) repacked for the bfloat16 dot kernels
         (PANEL_FORMATS[fmt]): the same weights, in panels of 16 rows (see cpu_kernels.c)."""
-        if fmt not in PANEL_FORMATS or k % 32 or not self.raw.kernels_have_dot():
-            raise ValueError(f"cannot pack {fmt!r} weights of {k} columns for the dot kernels")
+        if fmt not in PANEL_FORMATS or k % 32 or not self.has_panels:
+            raise ValueError(f"cannot pack {fmt!r} weights of {k} columns for the panel kernels")
         n = weight.shape[0]
         _check(weight, torch.uint8, (n, weight_row_bytes(fmt, k)))
         out = torch.empty(self.raw.panel_bytes(WEIGHT_FORMATS.index(fmt), n, k), dtype=torch.uint8)
         self.raw.pack_panels(WEIGHT_FORMATS.index(fmt), weight.data_ptr(), out.data_ptr(), n, k)
         return out
 
-    def gemm_dot(self, fmt: str, packed: torch.Tensor, x: torch.Tensor, out: torch.Tensor, n: int,
-                 bias: torch.Tensor | None = None) -> None:
-        """out[B, n] = bf16(x)[B, K] @ W^T (+ bias) for W of `fmt` (q4_1, q8_0, bf16) packed by
-        pack_panels: x rounded to bfloat16, the weights exact, float32 sums. Needs can_dot."""
+    def gemm_panels(self, fmt: str, packed: torch.Tensor, x: torch.Tensor, out: torch.Tensor, n: int,
+                    bias: torch.Tensor | None = None, dot: bool = False) -> None:
+        """out[B, n] = x[B, K] @ W^T (+ bias) for W of `fmt` (q4_1, q8_0, bf16) packed by pack_panels,
+        the weights exact, float32 sums: with float32 x (the FMA kernels), or, with `dot`, x rounded to
+        bfloat16 (the dot-product kernels; needs can_dot)."""
         b, k = x.shape
-        if not self.can_dot:
+        if dot and not self.can_dot:
             raise ValueError("the bfloat16 dot kernels need the avx512 build on a CPU with AVX512_BF16")
-        if fmt not in PANEL_FORMATS or k % 32:
-            raise ValueError(f"no dot kernel for {fmt!r} weights of {k} columns")
+        if fmt not in PANEL_FORMATS or k % 32 or not self.has_panels:
+            raise ValueError(f"no panel kernel for {fmt!r} weights of {k} columns")
         _check(x, torch.float32, (b, k))
         _check(packed, torch.uint8, (self.raw.panel_bytes(WEIGHT_FORMATS.index(fmt), n, k),))
         _check(out, torch.float32, (b, n))
         if bias is not None:
             _check(bias, torch.float32, (n,))
-        getattr(self.raw, "gemm_dot_" + PANEL_FORMATS[fmt])(packed.data_ptr(), x.data_ptr(), out.data_ptr(),
-                                                              _ptr(bias), b, k, n)
+        getattr(self.raw, ("gemm_dot_" if dot else "gemm_fma_") + PANEL_FORMATS[fmt])(
+            packed.data_ptr(), x.data_ptr(), out.data_ptr(), _ptr(bias), b, k, n)
+
+    def gemm_dot(self, fmt: str, packed: torch.Tensor, x: torch.Tensor, out: torch.Tensor, n: int,
+                 bias: torch.Tensor | None = None) -> None:
+        """gemm_panels with bfloat16-rounded inputs (the dot-product kernels)."""
+        self.gemm_panels(fmt, packed, x, out, n, bias, dot=True)
 
     def gemm(self, fmt: str, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, n: int,
              bias: torch.Tensor | None = None) -> None:
@@ -278,11 +287,12 @@ _BLOCK_BYTES = {"f32": 128, "bf16": 64, "q8_0": 34, "q4_1": 20}  # per 32 weight
 DESC_FIELDS = 18
 
 
-def matmul_format_id(fmt: str) -> int:
-    """The format id decode_layers reads: FMT_* for gemm_<fmt>, DOT_FMT + FMT_* for gemm_dot_<fmt>."""
+def matmul_format_id(fmt: str, dot: bool = False) -> int:
+    """The format id decode_layers reads: FMT_* for gemm_<fmt>, FMA_FMT (8) / DOT_FMT (4) + FMT_* for
+    gemm_fma_<fmt> / gemm_dot_<fmt>."""
     for src, panel in PANEL_FORMATS.items():
         if fmt == panel:
-            return 4 + WEIGHT_FORMATS.index(src)
+            return (4 if dot else 8) + WEIGHT_FORMATS.index(src)
     return WEIGHT_FORMATS.index(fmt)
 
 

@@ -16,12 +16,14 @@ float32 weights:
 
 MINISGL_CPU_WEIGHTS=auto|bf16|f32 overrides the choice (bf16: round every weight, GGUF or not).
 
-On a CPU with AVX512_BF16 the q4_1 / q8_0 / bf16 weights are repacked once into the panels of the
-bfloat16 dot-product kernels (cpu_kernels.c: `q4_1p`, `q8_0p`, `bf16p`): the same weights, but each
-matmul input rounded to bfloat16 (as the amx path rounds it), at twice the float32 FMA rate, which
-is what bounds a decode step from batch 4 up. MINISGL_CPU_DOT=auto|bf16|f32 chooses: auto is bf16
+The q4_1 / q8_0 / bf16 weights are repacked once into panels of 16 rows (cpu_kernels.c: `q4_1p`,
+`q8_0p`, `bf16p`; the Q8_0 integers as bfloat16, 2 bytes a weight) that two kernels read without
+widening the weights into a buffer: float32 FMAs (every AVX2 / AVX-512 CPU: float32 inputs, the
+products those of the float32 model) or, on a CPU with AVX512_BF16, bfloat16 dot products (each
+matmul input rounded to bfloat16, as the amx path rounds it, at twice the float32 FMA rate, which
+is what bounds a decode step from batch 4 up). MINISGL_CPU_DOT=auto|bf16|f32 chooses: auto is bf16
 where the CPU has it unless the model is asked for in exact float32 (dtype float32), f32 keeps every
-matmul input float32 (the products those of the float32 model).
+matmul input float32. f32-format weights keep the row kernels (gemm_f32).
 Prompt chunks (more than MAX_KERNEL_ROWS rows) go to a float32 GEMM on the model's own weight: oneDNN's,
 with the weight packed once at load (on a 2-core Zen 5, 1.6-2.3x faster than torch's default float32
 matmul from 32 to 512 rows, and ~1.25x faster than these kernels from 16 rows up when one core has the
@@ -64,6 +66,7 @@ class CpuWeight:
     k: int
     bias: torch.Tensor | None
     dense: torch.Tensor
+    dot: bool = False  # panels for the bfloat16 dot kernels (inputs rounded), else the float32 FMA ones
 
     def __post_init__(self) -> None:
         self.fn: Any = None  # the kernel's ctypes entry point, set by bind()
@@ -87,17 +90,18 @@ class CpuWeight:
 
     def bind(self, kernels: CpuKernels) -> CpuWeight:
         panel = self.fmt in PANEL_FORMATS.values()
-        if panel and not kernels.can_dot:
+        if panel and self.dot and not kernels.can_dot:
             raise ValueError(f"{self.fmt} weights need the bfloat16 dot kernels, which this CPU or build lacks")
-        self.fn = getattr(kernels.raw, ("gemm_dot_" if panel else "gemm_") + self.fmt)
+        self.fn = getattr(kernels.raw, (("gemm_dot_" if self.dot else "gemm_fma_") if panel else "gemm_") + self.fmt)
         return self
 
-    def to_panels(self, kernels: CpuKernels) -> CpuWeight:
-        """The same weights packed for the bfloat16 dot kernels, where their format has a panel one."""
-        if self.fmt not in PANEL_FORMATS:
+    def to_panels(self, kernels: CpuKernels, dot: bool = False) -> CpuWeight:
+        """The same weights packed into panels where their format has a panel one, for the float32
+        FMA kernels or (`dot`) the bfloat16 dot-product ones."""
+        if self.fmt not in PANEL_FORMATS or not kernels.has_panels:
             return self
         out = CpuWeight(PANEL_FORMATS[self.fmt], kernels.pack_panels(self.fmt, self.data, self.k), self.n, self.k,
-                        self.bias, self.dense)
+                        self.bias, self.dense, dot)
         out.packed = self.packed
         return out.bind(kernels)
 
@@ -279,7 +283,7 @@ def weights_for(model: nn.Module, kernels: CpuKernels, model_dir: str | Path | N
     force = (force or os.environ.get("MINISGL_CPU_WEIGHTS", "auto")).strip().lower()
     if force not in WEIGHT_CHOICES:
         raise ValueError(f"MINISGL_CPU_WEIGHTS={force!r}: choose one of {', '.join(WEIGHT_CHOICES)}")
-    panels = use_dot(kernels, lossy_bf16, dot)
+    dots = use_dot(kernels, lossy_bf16, dot)
     gguf_path = find_gguf(model_dir) if force == "auto" else None
     gguf = None
     if gguf_path is not None:
@@ -292,14 +296,14 @@ def weights_for(model: nn.Module, kernels: CpuKernels, model_dir: str | Path | N
         if isinstance(module, nn.Linear) and name != "lm_head":
             w = make_weight(module.weight, module.bias, gguf, lossy_bf16, force).bind(kernels)
             w.pack_for_gemm()
-            out[name] = w.to_panels(kernels) if panels else w
+            out[name] = w.to_panels(kernels, dots)
     # logits are asked for a few rows per step (one per sequence): no packed copy of the big head
     w = make_weight(model.lm_head_weight(), None, gguf, lossy_bf16, force).bind(kernels)
-    out["logits"] = w.to_panels(kernels) if panels else w
+    out["logits"] = w.to_panels(kernels, dots)
     counts: dict[str, int] = {}
     for w in out.values():
         counts[w.fmt] = counts.get(w.fmt, 0) + 1
     log.info("CPU weights: %s, %.0f MB per decode step%s%s", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
              sum(w.nbytes() for w in out.values()) / 1e6, f" (blocks from {gguf_path.name})" if gguf else "",
-             "; matmul inputs rounded to bfloat16 for the AVX512_BF16 dot kernels" if panels else "")
+             "; matmul inputs rounded to bfloat16 for the AVX512_BF16 dot kernels" if dots else "")
     return out
