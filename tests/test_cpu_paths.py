@@ -109,7 +109,7 @@ def test_gemm_widens_to_exactly_the_dequantized_weights(kernels: CpuKernels, fmt
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "bf16"])
 def test_fma_gemm_matches_float64(kernels: CpuKernels, fmt: str) -> None:
     """The float32 FMA kernels over the panels (every AVX2 / AVX-512 build): float32 inputs, the
-    weights exact, float32 sums. Every batch size past the tile (6 rows with AVX-512, 3 with AVX2), a
+    weights exact, float32 sums. Every batch size past the tile (6 rows with AVX-512, 4 with AVX2), a
     row count that is no multiple of the 16-row panel (nor of AVX2's 8-row half), with and without bias."""
     g = torch.Generator().manual_seed(11)
     n, k = 70, 96
@@ -117,7 +117,7 @@ def test_fma_gemm_matches_float64(kernels: CpuKernels, fmt: str) -> None:
     w = dense_of(fmt, blocks, k)
     packed = kernels.pack_panels(fmt, torch.from_numpy(blocks.copy()), k)
     bias = torch.randn(n, generator=g)
-    for b in (1, 2, 3, 4, 5, 6, 7, 9, 13, 16, 20):
+    for b in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 20):
         x = torch.randn(b, k, generator=g)
         for with_bias in (False, True):
             out = torch.full((b, n), float("nan"))
