@@ -4,8 +4,11 @@ logits head), each weight format of cpu_kernels.c at batch 1 / 4 / 8 / 16, in-pr
 Thirty distinct random copies of each layer shape, so nothing stays in cache between calls, as in a real
 step. Prints the min over --reps of each shape's 30 calls and saves JSON under bench/results/.
 
-    python bench/cpu_matmuls.py                      # q4_1 (+ q8_0 head) with the dot kernels and without
-    OMP_WAIT_POLICY=ACTIVE python bench/cpu_matmuls.py --formats q4_1p,q4_1
+    python bench/cpu_matmuls.py                      # q4_1 (+ q8_0 head): dot kernels, FMA kernels, row kernels
+    python bench/cpu_matmuls.py --isa avx2 --formats q4_1f,q4_1
+
+A format's suffix picks the kernel: p = the bfloat16 dot kernels over the panels (AVX512-BF16 only),
+f = the float32 FMA kernels over the same panels, none = the row kernels (gemm_<fmt>).
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ def random_weight(fmt: str, n: int, k: int, g):  # type: ignore[no-untyped-def]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--formats", default="q4_1p,q4_1", help="layer formats (the head is q8_0 / q8_0p alongside q4_1 "
-                   "/ q4_1p); a trailing p = the bfloat16 dot kernels (AVX512-BF16 only)")
+    p.add_argument("--formats", default="q4_1p,q4_1f,q4_1", help="layer formats (the head is q8_0 alongside "
+                   "q4_1, with the same suffix); suffix p = dot kernels, f = FMA kernels over the panels")
+    p.add_argument("--isa", default=None, help="kernel build: avx512 or avx2 [what this CPU runs]")
     p.add_argument("--batches", default="1,4,8,16")
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
@@ -52,15 +56,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from minisgl.engine.cpu.kernels import PANEL_FORMATS, load_cpu_kernels
 
-    kernels = load_cpu_kernels()
+    kernels = load_cpu_kernels(args.isa)
     if kernels is None:
         raise SystemExit("[cpu_matmuls] no kernel build for this CPU")
     g = torch.Generator().manual_seed(0)
     result: dict = {"command": command_line(), "machine": machine_info(), "threads": torch.get_num_threads(),
                     "isa": kernels.isa, "ms": {}}
     for fmt in [f for f in args.formats.split(",") if f]:
-        dot = fmt.endswith("p")
-        base = fmt[:-1] if dot else fmt
+        dot, fma = fmt.endswith("p"), fmt.endswith("f")
+        base = fmt[:-1] if dot or fma else fmt
         if dot and not kernels.can_dot:
             print(f"[cpu_matmuls] skipping {fmt}: no AVX512-BF16 dot kernels here")
             continue
@@ -69,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         weights = {}
         for name, (f, n, k, copies) in shapes.items():
             ws = [random_weight(f, n, k, g) for _ in range(copies)]
-            weights[name] = [kernels.pack_panels(f, w, k) for w in ws] if dot else ws
+            weights[name] = [kernels.pack_panels(f, w, k) for w in ws] if dot or fma else ws
         for b in [int(x) for x in args.batches.split(",") if x]:
             parts = {}
             for name, (f, n, k, _) in shapes.items():
                 x, out = torch.randn(b, k), torch.empty(b, n)
-                fn = getattr(kernels.raw, ("gemm_dot_" + PANEL_FORMATS[f]) if dot else ("gemm_" + f))
+                kind = "gemm_dot_" if dot else "gemm_fma_" if fma else "gemm_"
+                fn = getattr(kernels.raw, kind + (PANEL_FORMATS[f] if dot or fma else f))
                 times = []
                 for _ in range(args.reps):
                     t = time.perf_counter()

@@ -305,5 +305,6 @@ def weights_for(model: nn.Module, kernels: CpuKernels, model_dir: str | Path | N
         counts[w.fmt] = counts.get(w.fmt, 0) + 1
     log.info("CPU weights: %s, %.0f MB per decode step%s%s", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
              sum(w.nbytes() for w in out.values()) / 1e6, f" (blocks from {gguf_path.name})" if gguf else "",
-             "; matmul inputs rounded to bfloat16 for the AVX512_BF16 dot kernels" if dots else "")
+             "; matmul inputs rounded to bfloat16 for the AVX512_BF16 dot kernels" if dots
+             else "; float32 FMA kernels" if kernels.has_panels else "")
     return out
