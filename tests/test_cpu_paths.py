@@ -139,6 +139,57 @@ def test_fma_gemm_keeps_the_weights(kernels: CpuKernels, fmt: str) -> None:
     assert torch.equal(out.T, dense_of(fmt, blocks, k))
 
 
+def _q4_1_parts(blocks: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """d * q and the minimum m of each weight of Q4_1 blocks, float64 [n, k] each."""
+    b = blocks.reshape(n, k // 32, 20)
+    d = torch.from_numpy(b[:, :, 0:2].copy()).view(torch.float16).double()  # [n, blocks, 1]
+    m = torch.from_numpy(b[:, :, 2:4].copy()).view(torch.float16).double()
+    qs = torch.from_numpy(b[:, :, 4:].astype(np.int64))
+    q = torch.cat([qs & 15, qs >> 4], dim=-1).double()  # low nibbles are weights 0..15, high 16..31
+    return (d * q).reshape(n, k), m.expand(n, k // 32, 32).reshape(n, k)
+
+
+@pytest.mark.parametrize("vnni", [False, True], ids=["madd", "vnni"])
+def test_i16_gemm_matches_float64_on_int16_rows(kernels: CpuKernels, vnni: bool) -> None:
+    """The int16 kernels over Q4_1 panels: each input row as int16 with one scale (max |x| / 32767),
+    the nibbles exact, exact integer sums; the minimum's term from the float32 inputs. Both copies
+    (vpmaddwd + vpaddd, and VNNI's vpdpwssd where this CPU has it) give the same bits."""
+    from minisgl.engine.cpu.kernels import VNNI_FLAG
+
+    if vnni and VNNI_FLAG[kernels.isa] not in cpu_isa.cpu_flags():
+        pytest.skip(f"this CPU has no {VNNI_FLAG[kernels.isa]} for the {kernels.isa} build's VNNI copy")
+    g = torch.Generator().manual_seed(13)
+    n, k = 70, 96
+    blocks = random_blocks("q4_1", n, k, g)
+    dq, m = _q4_1_parts(blocks, n, k)
+    assert torch.equal((dq + m).float(), dense_of("q4_1", blocks, k))  # the parts are the weights
+    packed = kernels.pack_panels("q4_1", torch.from_numpy(blocks.copy()), k)
+    bias = torch.randn(n, generator=g)
+    fn = getattr(kernels.raw, "gemm_i16v_q4_1p" if vnni else "gemm_i16_q4_1p")
+    for b in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 20):
+        x = torch.randn(b, k, generator=g) * torch.linspace(0.1, 3, k)
+        # as the kernel rounds, in float32: the scale, its inverse, the product, to even, within +-32767
+        scale = x.abs().amax(dim=1, keepdim=True) * torch.tensor(1 / 32767, dtype=torch.float32)
+        x16 = torch.round(x * (1 / scale)).clamp(-32767, 32767).double() * scale.double()
+        for with_bias in (False, True):
+            out = torch.full((b, n), float("nan"))
+            fn(packed.data_ptr(), x.data_ptr(), out.data_ptr(), bias.data_ptr() if with_bias else None, b, k, n)
+            want = x16 @ dq.T + x.double() @ m.T + (bias.double() if with_bias else 0)
+            # float32 sums, plus at most one int16 step where an input sits on a rounding tie (the
+            # compiler's float32 1 / scale may differ from torch's in the last bit)
+            tol = 2e-6 * want.abs().max() + scale.double() * dq.abs().max()
+            assert ((out.double() - want).abs() <= tol).all(), (b, with_bias)
+            if not vnni:
+                api = torch.empty(b, n)
+                kernels.gemm_panels("q4_1", packed, x, api, n, bias if with_bias else None, inputs="i16")
+                ref = torch.empty(b, n)  # the entry the wrapper picks: this copy or the VNNI one, same bits
+                fn(packed.data_ptr(), x.data_ptr(), ref.data_ptr(), bias.data_ptr() if with_bias else None, b, k, n)
+                assert torch.equal(api, ref)
+    with pytest.raises(ValueError):  # the int16 kernels read Q4_1 only
+        kernels.gemm_panels("q8_0", kernels.pack_panels("q8_0", torch.zeros(8, 68, dtype=torch.uint8), 64),
+                            torch.zeros(2, 64), torch.empty(2, 8), 8, inputs="i16")
+
+
 @pytest.fixture()
 def dot_kernels(kernels: CpuKernels) -> CpuKernels:
     if not kernels.can_dot:
@@ -308,7 +359,7 @@ def test_every_linear_of_the_default_model_is_its_gguf_blocks(model, model_dir: 
     # the GGUF's blocks, repacked into the panels the FMA kernels read (lossy_bf16=False: no bfloat16 inputs)
     assert fmts.pop("logits") == "q8_0p"  # the tied embedding
     assert set(fmts.values()) == {"q4_1p"} and len(fmts) == 4 * model.config.num_layers
-    assert not any(w.dot for w in weights.values())
+    assert {w.inputs for w in weights.values()} == {"f32"}
     # 66 MB of Q4_1 layers and the Q8_0 head's integers as bfloat16 (57 MB), vs 540 MB of float32
     assert sum(w.nbytes() for w in weights.values()) < 130e6
 
@@ -415,7 +466,7 @@ def _vector_forward(model_dir: Path, isa: str, force: str = "auto", dot: str = "
 
 
 # the paths' matmul inputs: float32 (f32) everywhere, bfloat16 through the dot kernels where the CPU has them
-VECTOR_RUNS = [(isa, dot) for isa in VECTOR_ISAS for dot in ("f32", "bf16") if dot == "f32" or isa == "avx512"]
+VECTOR_RUNS = [(isa, dot) for isa in VECTOR_ISAS for dot in ("f32", "bf16", "i16") if dot != "bf16" or isa == "avx512"]
 
 
 @pytest.mark.parametrize("isa,dot", VECTOR_RUNS)
@@ -427,7 +478,8 @@ def test_gguf_blocks_path_greedy_equals_transformers(model_dir: Path, eos, promp
     fused = _vector_forward(model_dir, isa, dot=dot)
     weights = fused.weights.values()  # type: ignore[union-attr]
     assert {w.fmt for w in weights} == {"q4_1p", "q8_0p"}  # the GGUF's blocks, in panels
-    assert {w.dot for w in weights} == {dot == "bf16"}  # float32 FMA or bfloat16 dot-product kernels
+    # float32 FMA, bfloat16 dot-product or int16 kernels; the int16 ones read the Q4_1 layers only
+    assert {(w.fmt, w.inputs) for w in weights} == {("q4_1p", dot), ("q8_0p", "f32" if dot == "i16" else dot)}
     col = run_all(make_engine(fused), [request(str(i), p, eos) for i, p in enumerate(prompts)])
     for i, want in enumerate(expected):
         assert col.tokens[str(i)] == want, f"prompt {i}"

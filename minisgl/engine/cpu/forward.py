@@ -32,7 +32,7 @@ from torch import nn
 
 from minisgl.engine.attention import PagedAttention
 from minisgl.engine.cpu.kernels import (DESC_FIELDS, CpuKernels, attention_scratch_size, check_attention_shape,
-                                        check_decode_batch, matmul_format_id)
+                                        check_decode_batch)
 from minisgl.engine.cpu.linear import PackedLinear
 from minisgl.engine.cpu.weights import MAX_KERNEL_ROWS, CpuWeight
 
@@ -117,7 +117,7 @@ class FusedCpuForward(nn.Module):
                 row: list[int] = []
                 for w in (layer.qkv, layer.o, layer.gate_up, layer.down):
                     assert isinstance(w, CpuWeight)
-                    row += [matmul_format_id(w.fmt, w.dot), w.data.data_ptr(), 0 if w.bias is None else w.bias.data_ptr()]
+                    row += [w.format_id, w.data.data_ptr(), 0 if w.bias is None else w.bias.data_ptr()]
                 row += [layer.post_norm, layer.next_norm, layer.q_norm or 0, layer.k_norm or 0,
                         pool.k[i].data_ptr(), pool.v[i].data_ptr()]
                 rows.append(row)

@@ -868,6 +868,155 @@ static inline __attribute__((always_inline)) void gemm_fma_impl(int fmt, const u
 GEMM_FMA_ENTRY(gemm_fma_q4_1p, FMT_Q4_1)
 GEMM_FMA_ENTRY(gemm_fma_q8_0p, FMT_Q8_0)
 GEMM_FMA_ENTRY(gemm_fma_bf16p, FMT_BF16)
+
+/* ------------------------------------------------------------------ int16 dot products over the Q4_1 panels
+
+   For CPUs without AVX512_BF16 (AVX2 ones, AVX-512 ones before Zen 4 / Cooper Lake), where float32 FMAs
+   bound a decode step from batch 4 up: vpmaddwd multiplies 16-bit integers in pairs and sums each
+   pair into a 32-bit lane, twice the float32 FMA rate. The nibbles are 16-bit integers as they are;
+   the input row b is carried as int16 with one scale, x ~= s_b * x16 (s_b = max |x_b| / 32767, so each
+   element is off by at most s_b / 2: a relative 2^-16 of the row's largest, where bfloat16 rounds
+   each element by up to 2^-9 of itself). The integer sums are exact (|sum| < 2^24 per block), and
+
+     y[n] = sum_j d[n,j] * s_b * sum_i q[n,j,i] x16[j,i]  +  m[n,j] * sum_i x[j,i]
+
+   (the minimum's term from the float32 inputs). Only Q4_1 (the layers); the Q8_0 head keeps the FMA
+   kernel. */
+#if defined(__AVX512F__)
+#define IBR 8 /* batch rows per tile: IBR float + 2 IBR int32 accumulators + the weights, 32 registers */
+typedef __m512i vint;
+static inline vint i16_pairs(const uint8_t *p) { /* VL rows x 2 bytes -> 16-bit lanes */
+    return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+}
+#define MADD(a, b) _mm512_madd_epi16(a, b)
+#define ADD32(a, b) _mm512_add_epi32(a, b)
+#define SET1_32(v) _mm512_set1_epi32(v)
+#define AND16(a, m) _mm512_and_si512(a, _mm512_set1_epi16(m))
+#define SRL16(a, n) _mm512_srli_epi16(a, n)
+#define ZERO_I() _mm512_setzero_si512()
+#define I2F(a) ((vf)_mm512_cvtepi32_ps(a))
+#else
+#define IBR 4
+typedef __m256i vint;
+static inline vint i16_pairs(const uint8_t *p) {
+    return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+}
+#define MADD(a, b) _mm256_madd_epi16(a, b)
+#define ADD32(a, b) _mm256_add_epi32(a, b)
+#define SET1_32(v) _mm256_set1_epi32(v)
+#define AND16(a, m) _mm256_and_si256(a, _mm256_set1_epi16(m))
+#define SRL16(a, n) _mm256_srli_epi16(a, n)
+#define ZERO_I() _mm256_setzero_si256()
+#define I2F(a) ((vf)_mm256_cvtepi32_ps(a))
+#endif
+
+/* The int16 rows of x (one scale each, sc) and their float32 block sums (xs), as every thread of a
+   gemm_i16 call makes them itself (a few microseconds: no barrier). */
+static inline void quantize_rows_i16(const float *x, int64_t B, int64_t K, int16_t *x16, float *sc, float *xs) {
+    const int64_t blocks = K / 32;
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * K;
+        float amax = 0.f;
+        for (int64_t i = 0; i < K; i++) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
+        sc[b] = amax > 0.f ? amax * (1.f / 32767.f) : 1.f; /* a product, as -freciprocal-math would make it */
+        const float inv = 1.f / sc[b];
+        for (int64_t i = 0; i < K; i++) {
+            const float q = nearbyintf(xb[i] * inv);
+            x16[b * K + i] = (int16_t)(q > 32767.f ? 32767.f : q < -32767.f ? -32767.f : q);
+        }
+        for (int64_t j = 0; j < blocks; j++) {
+            vf s = (vf){};
+            for (int v = 0; v < NV; v++) s += load_vf(xb + j * 32 + v * VL);
+            xs[b * blocks + j] = hsum(s);
+        }
+    }
+}
+
+/* Rows r0 .. r0 + VL of a Q4_1 panel times int16 rows x16 [br, K] (scales sc [br]; xs [br, K / 32] the
+   float32 block sums), as fma_tile otherwise, and the threaded loop over the panels. Built twice:
+   STEP(acc, w, x) is vpmaddwd + vpaddd, or the one VNNI vpdpwssd (TARGET enables it; the Python side
+   calls that copy only where the CPU has VNNI). The same integer sums either way. */
+#define I16_KERNELS(SUFFIX, TARGET, STEP)                                                                       \
+    TARGET static inline __attribute__((always_inline)) void i16_tile##SUFFIX(                                  \
+        const uint8_t *P, int64_t r0, const int16_t *x16, const float *sc, const float *xs, int64_t K, int br,    \
+        float *y, int64_t ldy, int64_t nr, const float *bias, const uint8_t *pf) {                               \
+        const int64_t blocks = K / 32;                                                                          \
+        vf acc[IBR];                                                                                            \
+        _Pragma("GCC unroll 8") for (int b = 0; b < IBR; b++) acc[b] = (vf){};                                  \
+        for (int64_t j = 0; j < blocks; j++) {                                                                  \
+            const uint8_t *pb = P + j * 320;                                                                    \
+            if (pf)                                                                                             \
+                for (int64_t l = 0; l < 320; l += 64) __builtin_prefetch(pf + j * 320 + l, 0, 3);               \
+            vint a0[IBR], a1[IBR];                                                                              \
+            _Pragma("GCC unroll 8") for (int b = 0; b < IBR; b++) a0[b] = a1[b] = ZERO_I();                     \
+            _Pragma("GCC unroll 8") for (int pp = 0; pp < 8; pp++) {                                            \
+                const vint v = i16_pairs(pb + 64 + 32 * pp + 2 * r0);                                           \
+                const vint wl = AND16(v, 0x000F), wh = AND16(SRL16(v, 4), 0x000F);                              \
+                _Pragma("GCC unroll 8") for (int b = 0; b < IBR; b++) {                                         \
+                    if (b < br) { /* the input pairs (2p, 2p + 1) and (2p + 16, 2p + 17) */                     \
+                        int32_t xl, xh;                                                                         \
+                        memcpy(&xl, x16 + b * K + j * 32 + 2 * pp, 4);                                          \
+                        memcpy(&xh, x16 + b * K + j * 32 + 16 + 2 * pp, 4);                                     \
+                        a0[b] = STEP(a0[b], wl, SET1_32(xl));                                                   \
+                        a1[b] = STEP(a1[b], wh, SET1_32(xh));                                                   \
+                    }                                                                                           \
+                }                                                                                               \
+            }                                                                                                   \
+            const vf d = ld_fp16s(pb + 2 * r0), m = ld_fp16s(pb + 32 + 2 * r0);                                 \
+            _Pragma("GCC unroll 8") for (int b = 0; b < IBR; b++) {                                             \
+                if (b < br) {                                                                                   \
+                    acc[b] += I2F(ADD32(a0[b], a1[b])) * (d * sc[b]);                                           \
+                    acc[b] += m * xs[b * blocks + j];                                                           \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+        const int64_t lanes = nr - r0 < VL ? nr - r0 : VL;                                                      \
+        for (int b = 0; b < br; b++)                                                                            \
+            for (int64_t i = 0; i < lanes; i++) y[b * ldy + r0 + i] = acc[b][i] + (bias ? bias[r0 + i] : 0.f);  \
+    }                                                                                                           \
+    TARGET static inline __attribute__((always_inline)) void gemm_i16_impl##SUFFIX(                             \
+        const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) {       \
+        const int64_t blocks = K / 32, panels = (N + 15) / 16;                                                  \
+        int16_t *x16 = aligned_alloc(64, (size_t)(B * K * 2 + 63) / 64 * 64);                                   \
+        float *xs = aligned_alloc(64, (size_t)(B * blocks * 4 + 63) / 64 * 64);                                 \
+        float *sc = aligned_alloc(64, (size_t)(B * 4 + 63) / 64 * 64);                                          \
+        quantize_rows_i16(x, B, K, x16, sc, xs);                                                                \
+        _Pragma("omp for schedule(static)") for (int64_t p = 0; p < panels; p++) {                              \
+            const int64_t n0 = p * 16, nr = N - n0 < 16 ? N - n0 : 16;                                          \
+            const uint8_t *P = W + p * blocks * 320;                                                            \
+            const float *pb = bias ? bias + n0 : NULL;                                                          \
+            for (int64_t r0 = 0; r0 < nr; r0 += VL)                                                             \
+                for (int64_t b0 = 0; b0 < B; b0 += IBR) {                                                       \
+                    const uint8_t *pf = b0 || r0 ? NULL : P + PF_AHEAD;                                         \
+                    const int64_t r = B - b0 < IBR ? B - b0 : IBR;                                              \
+                    const int16_t *xr = x16 + b0 * K;                                                           \
+                    float *yr = y + b0 * N + n0;                                                                \
+                    /* constant row counts: the tile's loops unroll */                                          \
+                    if (r == IBR) i16_tile##SUFFIX(P, r0, xr, sc + b0, xs + b0 * blocks, K, IBR, yr, N, nr, pb, pf); \
+                    else if (r == 1) i16_tile##SUFFIX(P, r0, xr, sc + b0, xs + b0 * blocks, K, 1, yr, N, nr, pb, pf); \
+                    else if (r == 2) i16_tile##SUFFIX(P, r0, xr, sc + b0, xs + b0 * blocks, K, 2, yr, N, nr, pb, pf); \
+                    else i16_tile##SUFFIX(P, r0, xr, sc + b0, xs + b0 * blocks, K, (int)r, yr, N, nr, pb, pf);   \
+                }                                                                                               \
+        }                                                                                                       \
+        free(x16);                                                                                              \
+        free(xs);                                                                                               \
+        free(sc);                                                                                               \
+    }                                                                                                           \
+    /* y [B, N] = (x [B, K] as int16 rows) @ W^T (+ bias) for Q4_1 W packed by pack_panels */                   \
+    TARGET void gemm_i16##SUFFIX##_q4_1p(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, \
+                                        int64_t K, int64_t N) {                                                 \
+        _Pragma("omp parallel") gemm_i16_impl##SUFFIX(W, x, y, bias, B, K, N);                                  \
+    }
+
+#define STEP_MADD(a, w, x) ADD32(a, MADD(w, x))
+I16_KERNELS(, , STEP_MADD)
+#if defined(__AVX512F__)
+#define STEP_VNNI(a, w, x) _mm512_dpwssd_epi32(a, w, x)
+I16_KERNELS(v, __attribute__((target("avx512vnni"))), STEP_VNNI)
+#else
+#define STEP_VNNI(a, w, x) _mm256_dpwssd_avx_epi32(a, w, x)
+I16_KERNELS(v, __attribute__((target("avxvnni"))), STEP_VNNI)
+#endif
 #else
 int kernels_have_panels(void) { return 0; }
 #endif
@@ -1041,14 +1190,16 @@ int kernels_have_dot(void) { return 0; }
    Bit-identical to the kernel-per-op loop (the same row functions, not inlined).
 
    desc: DESC_FIELDS int64s per layer (cpu_forward.py fills them):
-     for each of qkv, o, gate_up, down: format (FMT_* of gemm_*, or FMA_FMT / DOT_FMT + FMT_* for the
-     panels of gemm_fma_* / gemm_dot_*), weight pointer, bias pointer (or 0); then post_norm, next_norm, q_norm (or 0),
+     for each of qkv, o, gate_up, down: format (FMT_* of gemm_*, or FMA_FMT / DOT_FMT / I16_FMT /
+     I16V_FMT + FMT_* for the panels of gemm_fma_* / gemm_dot_* / gemm_i16_* / gemm_i16v_*), weight pointer, bias pointer (or 0); then post_norm, next_norm, q_norm (or 0),
      k_norm (or 0), k_pool, v_pool of the layer.
    On entry x = rmsnorm(residual) * the first layer's input norm; on return x = the final norm of the
    updated residual (for the logits), and residual updated. */
 #define DESC_FIELDS 18
 #define DOT_FMT 4
 #define FMA_FMT 8
+#define I16_FMT 12
+#define I16V_FMT 16
 
 static void gemm_body_f32(const uint8_t *W, const float *x, float *y, const float *b, int64_t B, int64_t K, int64_t N) {
     gemm_impl(FMT_F32, W, x, y, b, B, K, N);
@@ -1063,6 +1214,20 @@ static void gemm_body_q4_1(const uint8_t *W, const float *x, float *y, const flo
     gemm_impl(FMT_Q4_1, W, x, y, b, B, K, N);
 }
 #if defined(__AVX2__)
+static void gemm_i16_body(const uint8_t *W, const float *x, float *y, const float *b, int64_t B, int64_t K,
+                          int64_t N) {
+    gemm_i16_impl(W, x, y, b, B, K, N);
+}
+/* not inlined: the caller is built without VNNI, and only runs this where the CPU has it */
+#if defined(__AVX512F__)
+__attribute__((target("avx512vnni"), noinline))
+#else
+__attribute__((target("avxvnni"), noinline))
+#endif
+static void gemm_i16v_body(const uint8_t *W, const float *x, float *y, const float *b, int64_t B, int64_t K,
+                           int64_t N) {
+    gemm_i16_implv(W, x, y, b, B, K, N);
+}
 static void gemm_fma_body(int fmt, const uint8_t *W, const float *x, float *y, const float *b, int64_t B, int64_t K,
                           int64_t N) {
     switch (fmt) { /* a constant format in each: the tile's loops specialize */
@@ -1094,6 +1259,14 @@ static void gemm_any(const int64_t *d, const float *x, float *y, int64_t B, int6
     case FMT_Q4_1: gemm_body_q4_1(W, x, y, bias, B, K, N); break;
     default:
 #if defined(__AVX2__)
+        if (d[0] == I16_FMT + FMT_Q4_1) {
+            gemm_i16_body(W, x, y, bias, B, K, N);
+            break;
+        }
+        if (d[0] == I16V_FMT + FMT_Q4_1) {
+            gemm_i16v_body(W, x, y, bias, B, K, N);
+            break;
+        }
         if (d[0] >= FMA_FMT) {
             gemm_fma_body((int)(d[0] - FMA_FMT), W, x, y, bias, B, K, N);
             break;

@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -144,17 +145,18 @@ class CpuKernels:
         from minisgl.engine.cpu.isa import cpu_flags
 
         self.has_panels = bool(lib.kernels_have_panels())
+        # vpdpwssd for the int16 kernels: the build carries a copy for CPUs with VNNI
+        self.i16_vnni = self.has_panels and VNNI_FLAG[isa] in cpu_flags()
         self.can_dot = bool(lib.kernels_have_dot()) and "avx512_bf16" in cpu_flags()
         if self.has_panels:
             lib.panel_bytes.argtypes = [ctypes.c_int, _I, _I]
             lib.panel_bytes.restype = _I
             lib.pack_panels.argtypes = [ctypes.c_int, _P, _P, _I, _I]
             lib.pack_panels.restype = None
-            for fmt in PANEL_FORMATS.values():
-                for kind in ("fma",) + (("dot",) if lib.kernels_have_dot() else ()):
-                    fn = getattr(lib, f"gemm_{kind}_{fmt}")
-                    fn.argtypes = [_P, _P, _P, _P, _I, _I, _I]
-                    fn.restype = None
+            for name in [f"gemm_{kind}_{fmt}" for fmt in PANEL_FORMATS.values()
+                         for kind in ("fma",) + (("dot",) if lib.kernels_have_dot() else ())] + ["gemm_i16_q4_1p", "gemm_i16v_q4_1p"]:
+                getattr(lib, name).argtypes = [_P, _P, _P, _P, _I, _I, _I]
+                getattr(lib, name).restype = None
         if lib.kernels_vector_bits() != VECTOR_BITS[isa]:
             raise OSError(f"the {isa} build of the CPU kernels uses {lib.kernels_vector_bits()}-bit vectors")
 
@@ -189,13 +191,18 @@ class CpuKernels:
         return out
 
     def gemm_panels(self, fmt: str, packed: torch.Tensor, x: torch.Tensor, out: torch.Tensor, n: int,
-                    bias: torch.Tensor | None = None, dot: bool = False) -> None:
+                    bias: torch.Tensor | None = None, inputs: str = "f32") -> None:
         """out[B, n] = x[B, K] @ W^T (+ bias) for W of `fmt` (q4_1, q8_0, bf16) packed by pack_panels,
-        the weights exact, float32 sums: with float32 x (the FMA kernels), or, with `dot`, x rounded to
-        bfloat16 (the dot-product kernels; needs can_dot)."""
+        the weights exact, float32 sums. `inputs` (PANEL_INPUTS) is how x enters: f32 as it is (the FMA
+        kernels), bf16 rounded to bfloat16 (the dot-product kernels; needs can_dot), i16 as int16 rows
+        with one scale each (q4_1 only)."""
         b, k = x.shape
-        if dot and not self.can_dot:
+        if inputs not in PANEL_INPUTS:
+            raise ValueError(f"matmul inputs are one of {', '.join(PANEL_INPUTS)}, not {inputs!r}")
+        if inputs == "bf16" and not self.can_dot:
             raise ValueError("the bfloat16 dot kernels need the avx512 build on a CPU with AVX512_BF16")
+        if inputs == "i16" and fmt != "q4_1":
+            raise ValueError(f"the int16 kernels read q4_1 panels, not {fmt!r}")
         if fmt not in PANEL_FORMATS or k % 32 or not self.has_panels:
             raise ValueError(f"no panel kernel for {fmt!r} weights of {k} columns")
         _check(x, torch.float32, (b, k))
@@ -203,13 +210,27 @@ class CpuKernels:
         _check(out, torch.float32, (b, n))
         if bias is not None:
             _check(bias, torch.float32, (n,))
-        getattr(self.raw, ("gemm_dot_" if dot else "gemm_fma_") + PANEL_FORMATS[fmt])(
-            packed.data_ptr(), x.data_ptr(), out.data_ptr(), _ptr(bias), b, k, n)
+        self.panel_kernel(inputs, PANEL_FORMATS[fmt])(packed.data_ptr(), x.data_ptr(), out.data_ptr(), _ptr(bias),
+                                                      b, k, n)
 
     def gemm_dot(self, fmt: str, packed: torch.Tensor, x: torch.Tensor, out: torch.Tensor, n: int,
                  bias: torch.Tensor | None = None) -> None:
         """gemm_panels with bfloat16-rounded inputs (the dot-product kernels)."""
-        self.gemm_panels(fmt, packed, x, out, n, bias, dot=True)
+        self.gemm_panels(fmt, packed, x, out, n, bias, inputs="bf16")
+
+    def panel_kernel(self, inputs: str, panel_fmt: str) -> Any:
+        """The ctypes entry of the panel kernel for `inputs` and a panel format (q4_1p...): for i16, the
+        VNNI build of it (vpdpwssd, one instruction for vpmaddwd + vpaddd) where the CPU has VNNI."""
+        prefix = PANEL_KERNELS[inputs]
+        if inputs == "i16" and self.i16_vnni:
+            prefix = "gemm_i16v_"
+        return getattr(self.raw, prefix + panel_fmt)
+
+    def panel_format_id(self, inputs: str, panel_fmt: str) -> int:
+        """decode_layers' id of that kernel (cpu_kernels.c: DOT_FMT / FMA_FMT / I16_FMT / I16V_FMT + FMT_*)."""
+        src = next(f for f, p in PANEL_FORMATS.items() if p == panel_fmt)
+        base = 16 if inputs == "i16" and self.i16_vnni else _PANEL_FORMAT_BASE[inputs]
+        return base + WEIGHT_FORMATS.index(src)
 
     def gemm(self, fmt: str, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, n: int,
              bias: torch.Tensor | None = None) -> None:
@@ -280,6 +301,12 @@ class CpuKernels:
 WEIGHT_FORMATS = ("f32", "bf16", "q8_0", "q4_1")  # in the order of cpu_kernels.c's FMT_* ids
 # the formats the bfloat16 dot kernels read, by the format they are packed from (pack_panels)
 PANEL_FORMATS = {"q4_1": "q4_1p", "q8_0": "q8_0p", "bf16": "bf16p"}
+# how a panel matmul's input enters, and the kernel family for each (cpu_kernels.c)
+PANEL_KERNELS = {"f32": "gemm_fma_", "bf16": "gemm_dot_", "i16": "gemm_i16_"}
+PANEL_INPUTS = tuple(PANEL_KERNELS)
+_PANEL_FORMAT_BASE = {"bf16": 4, "f32": 8, "i16": 12}  # DOT_FMT, FMA_FMT, I16_FMT
+# the CPU flag each build's VNNI int16 kernel needs
+VNNI_FLAG = {"avx512": "avx512_vnni", "avx2": "avx_vnni"}
 _BLOCK_BYTES = {"f32": 128, "bf16": 64, "q8_0": 34, "q4_1": 20}  # per 32 weights
 
 
@@ -287,12 +314,9 @@ _BLOCK_BYTES = {"f32": 128, "bf16": 64, "q8_0": 34, "q4_1": 20}  # per 32 weight
 DESC_FIELDS = 18
 
 
-def matmul_format_id(fmt: str, dot: bool = False) -> int:
-    """The format id decode_layers reads: FMT_* for gemm_<fmt>, FMA_FMT (8) / DOT_FMT (4) + FMT_* for
-    gemm_fma_<fmt> / gemm_dot_<fmt>."""
-    for src, panel in PANEL_FORMATS.items():
-        if fmt == panel:
-            return (4 if dot else 8) + WEIGHT_FORMATS.index(src)
+def matmul_format_id(fmt: str) -> int:
+    """The format id decode_layers reads for the row kernel gemm_<fmt> (FMT_*); panel kernels' ids
+    come from CpuKernels.panel_format_id."""
     return WEIGHT_FORMATS.index(fmt)
 
 

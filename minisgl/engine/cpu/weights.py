@@ -19,11 +19,13 @@ MINISGL_CPU_WEIGHTS=auto|bf16|f32 overrides the choice (bf16: round every weight
 The q4_1 / q8_0 / bf16 weights are repacked once into panels of 16 rows (cpu_kernels.c: `q4_1p`,
 `q8_0p`, `bf16p`; the Q8_0 integers as bfloat16, 2 bytes a weight) that two kernels read without
 widening the weights into a buffer: float32 FMAs (every AVX2 / AVX-512 CPU: float32 inputs, the
-products those of the float32 model) or, on a CPU with AVX512_BF16, bfloat16 dot products (each
-matmul input rounded to bfloat16, as the amx path rounds it, at twice the float32 FMA rate, which
-is what bounds a decode step from batch 4 up). MINISGL_CPU_DOT=auto|bf16|f32 chooses: auto is bf16
-where the CPU has it unless the model is asked for in exact float32 (dtype float32), f32 keeps every
-matmul input float32. f32-format weights keep the row kernels (gemm_f32).
+products those of the float32 model), or, at twice the float32 FMA rate (which is what bounds a
+decode step from batch 4 up), dot products on rounded inputs: bfloat16 ones (`vdpbf16ps`) on a CPU
+with AVX512_BF16 (each input rounded as the amx path rounds it), int16 ones (`vpmaddwd`, Q4_1 layers
+only) elsewhere (each input row as int16 with one scale: off by at most 2^-16 of the row's largest).
+MINISGL_CPU_DOT=auto|bf16|i16|f32 chooses: auto is bf16 where the CPU has it, else i16, unless the
+model is asked for in exact float32 (dtype float32), which keeps f32; f32 keeps every matmul input
+float32. f32-format weights keep the row kernels (gemm_f32).
 Prompt chunks (more than MAX_KERNEL_ROWS rows) go to a float32 GEMM on the model's own weight: oneDNN's,
 with the weight packed once at load (on a 2-core Zen 5, 1.6-2.3x faster than torch's default float32
 matmul from 32 to 512 rows, and ~1.25x faster than these kernels from 16 rows up when one core has the
@@ -44,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisgl.engine.cpu.kernels import PANEL_FORMATS, CpuKernels, weight_row_bytes
+from minisgl.engine.cpu.kernels import PANEL_FORMATS, CpuKernels, matmul_format_id, weight_row_bytes
 
 log = logging.getLogger("minisgl.engine")
 
@@ -52,7 +54,10 @@ log = logging.getLogger("minisgl.engine")
 # stream, and the kernels' register tile is sized for decode batches (bench/RESULTS.md).
 MAX_KERNEL_ROWS = int(os.environ.get("MINISGL_CPU_KERNEL_ROWS", "32"))
 WEIGHT_CHOICES = ("auto", "bf16", "f32")
-DOT_CHOICES = ("auto", "bf16", "f32")
+INPUTS_LOG = {"f32": "; float32 FMA kernels",
+              "bf16": "; matmul inputs rounded to bfloat16 for the AVX512_BF16 dot kernels",
+              "i16": "; Q4_1 matmul inputs as int16 rows for the int16 dot kernels (the rest float32 FMA)"}
+DOT_CHOICES = ("auto", "bf16", "i16", "f32")
 
 
 @dataclass(eq=False)
@@ -66,10 +71,11 @@ class CpuWeight:
     k: int
     bias: torch.Tensor | None
     dense: torch.Tensor
-    dot: bool = False  # panels for the bfloat16 dot kernels (inputs rounded), else the float32 FMA ones
+    inputs: str = "f32"  # panels: how the matmul input enters (kernels.PANEL_INPUTS: f32, bf16, i16)
 
     def __post_init__(self) -> None:
         self.fn: Any = None  # the kernel's ctypes entry point, set by bind()
+        self.format_id = -1  # its id in decode_layers' layer descriptions, set by bind()
         self.packed: torch.Tensor | None = None  # `dense` packed for oneDNN (pack_for_gemm)
 
     def pack_for_gemm(self) -> None:
@@ -90,18 +96,25 @@ class CpuWeight:
 
     def bind(self, kernels: CpuKernels) -> CpuWeight:
         panel = self.fmt in PANEL_FORMATS.values()
-        if panel and self.dot and not kernels.can_dot:
+        if panel and self.inputs == "bf16" and not kernels.can_dot:
             raise ValueError(f"{self.fmt} weights need the bfloat16 dot kernels, which this CPU or build lacks")
-        self.fn = getattr(kernels.raw, (("gemm_dot_" if self.dot else "gemm_fma_") if panel else "gemm_") + self.fmt)
+        if panel:
+            self.fn = kernels.panel_kernel(self.inputs, self.fmt)
+            self.format_id = kernels.panel_format_id(self.inputs, self.fmt)
+        else:
+            self.fn = getattr(kernels.raw, "gemm_" + self.fmt)
+            self.format_id = matmul_format_id(self.fmt)
         return self
 
-    def to_panels(self, kernels: CpuKernels, dot: bool = False) -> CpuWeight:
-        """The same weights packed into panels where their format has a panel one, for the float32
-        FMA kernels or (`dot`) the bfloat16 dot-product ones."""
+    def to_panels(self, kernels: CpuKernels, inputs: str = "f32") -> CpuWeight:
+        """The same weights packed into panels where their format has a panel one, for the kernels of
+        `inputs` (f32: the float32 FMA ones; bf16: the dot-product ones; i16: the int16 ones, which
+        read Q4_1 only: other formats keep float32 inputs)."""
         if self.fmt not in PANEL_FORMATS or not kernels.has_panels:
             return self
+        inputs = "f32" if inputs == "i16" and self.fmt != "q4_1" else inputs
         out = CpuWeight(PANEL_FORMATS[self.fmt], kernels.pack_panels(self.fmt, self.data, self.k), self.n, self.k,
-                        self.bias, self.dense, dot)
+                        self.bias, self.dense, inputs)
         out.packed = self.packed
         return out.bind(kernels)
 
@@ -266,24 +279,27 @@ def find_gguf(model_dir: str | Path | None) -> Path | None:
     return files[0] if len(files) == 1 else None
 
 
-def use_dot(kernels: CpuKernels, lossy_bf16: bool, dot: str | None = None) -> bool:
-    """Whether the matmuls take the bfloat16 dot kernels (MINISGL_CPU_DOT, see the module doc)."""
+def matmul_inputs(kernels: CpuKernels, lossy_bf16: bool, dot: str | None = None) -> str:
+    """How the panel matmuls take their input (MINISGL_CPU_DOT, see the module doc): f32, bf16 or i16."""
     dot = (dot or os.environ.get("MINISGL_CPU_DOT", "auto")).strip().lower()
     if dot not in DOT_CHOICES:
         raise ValueError(f"MINISGL_CPU_DOT={dot!r}: choose one of {', '.join(DOT_CHOICES)}")
     if dot == "bf16" and not kernels.can_dot:
-        log.warning("MINISGL_CPU_DOT=bf16 asked for, but this CPU or kernel build has no AVX512_BF16: float32 inputs")
-    return kernels.can_dot and (dot == "bf16" or (dot == "auto" and lossy_bf16))
+        log.warning("MINISGL_CPU_DOT=bf16 asked for, but this CPU or kernel build has no AVX512_BF16: int16 inputs")
+        dot = "i16"
+    if dot == "auto":
+        dot = ("bf16" if kernels.can_dot else "i16") if lossy_bf16 else "f32"
+    return dot if kernels.has_panels else "f32"
 
 
 def weights_for(model: nn.Module, kernels: CpuKernels, model_dir: str | Path | None, lossy_bf16: bool,
                 force: str | None = None, dot: str | None = None) -> dict[str, CpuWeight]:
     """CpuWeights for every linear of the model's layers (by module name) and for the logits
-    projection ("logits"), bound to `kernels`; packed for the bfloat16 dot kernels where use_dot."""
+    projection ("logits"), bound to `kernels`; in panels for the kernels matmul_inputs picks."""
     force = (force or os.environ.get("MINISGL_CPU_WEIGHTS", "auto")).strip().lower()
     if force not in WEIGHT_CHOICES:
         raise ValueError(f"MINISGL_CPU_WEIGHTS={force!r}: choose one of {', '.join(WEIGHT_CHOICES)}")
-    dots = use_dot(kernels, lossy_bf16, dot)
+    inputs = matmul_inputs(kernels, lossy_bf16, dot)
     gguf_path = find_gguf(model_dir) if force == "auto" else None
     gguf = None
     if gguf_path is not None:
@@ -296,15 +312,14 @@ def weights_for(model: nn.Module, kernels: CpuKernels, model_dir: str | Path | N
         if isinstance(module, nn.Linear) and name != "lm_head":
             w = make_weight(module.weight, module.bias, gguf, lossy_bf16, force).bind(kernels)
             w.pack_for_gemm()
-            out[name] = w.to_panels(kernels, dots)
+            out[name] = w.to_panels(kernels, inputs)
     # logits are asked for a few rows per step (one per sequence): no packed copy of the big head
     w = make_weight(model.lm_head_weight(), None, gguf, lossy_bf16, force).bind(kernels)
-    out["logits"] = w.to_panels(kernels, dots)
+    out["logits"] = w.to_panels(kernels, inputs)
     counts: dict[str, int] = {}
     for w in out.values():
         counts[w.fmt] = counts.get(w.fmt, 0) + 1
     log.info("CPU weights: %s, %.0f MB per decode step%s%s", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
              sum(w.nbytes() for w in out.values()) / 1e6, f" (blocks from {gguf_path.name})" if gguf else "",
-             "; matmul inputs rounded to bfloat16 for the AVX512_BF16 dot kernels" if dots
-             else "; float32 FMA kernels" if kernels.has_panels else "")
+             "" if not kernels.has_panels else INPUTS_LOG[inputs])
     return out
