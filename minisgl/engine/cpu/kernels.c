@@ -676,7 +676,11 @@ static inline uint16_t int_to_bf16(int v) { /* exact for |v| <= 256 */
 }
 
 /* out = W (N rows in the GGUF / bfloat16 layout of fmt: FMT_Q4_1, FMT_Q8_0 or FMT_BF16) as panels */
-void pack_panels(int fmt, const uint8_t *W, uint8_t *out, int64_t N, int64_t K) {
+/* PANEL_INT16 | FMT_Q8_0: the q8_0p layout with each integer as int16 instead of bfloat16, for the int16
+   kernels (the same 1056 bytes a block) */
+#define PANEL_INT16 16
+void pack_panels(int fmt_flags, const uint8_t *W, uint8_t *out, int64_t N, int64_t K) {
+    const int fmt = fmt_flags & ~PANEL_INT16, int16 = fmt_flags & PANEL_INT16;
     const int64_t blocks = K / 32, row_bytes = fmt_row_bytes(fmt, K), pbb = panel_block_bytes(fmt);
     const int64_t panels = (N + 15) / 16;
     memset(out, 0, (size_t)(panels * blocks * pbb));
@@ -695,7 +699,7 @@ void pack_panels(int fmt, const uint8_t *W, uint8_t *out, int64_t N, int64_t K) 
                     const uint8_t *b = row + j * 34;
                     memcpy(dst + 2 * r, b, 2);
                     for (int i = 0; i < 32; i++) {
-                        const uint16_t h = int_to_bf16((int8_t)b[2 + i]);
+                        const uint16_t h = int16 ? (uint16_t)(int16_t)(int8_t)b[2 + i] : int_to_bf16((int8_t)b[2 + i]);
                         memcpy(dst + 32 + 64 * (i / 2) + 4 * r + 2 * (i % 2), &h, 2);
                     }
                 } else {
@@ -869,7 +873,7 @@ GEMM_FMA_ENTRY(gemm_fma_q4_1p, FMT_Q4_1)
 GEMM_FMA_ENTRY(gemm_fma_q8_0p, FMT_Q8_0)
 GEMM_FMA_ENTRY(gemm_fma_bf16p, FMT_BF16)
 
-/* ------------------------------------------------------------------ int16 dot products over the Q4_1 panels
+/* ------------------------------------------------------------------ int16 dot products over the panels
 
    For CPUs without AVX512_BF16 (AVX2 ones, AVX-512 ones before Zen 4 / Cooper Lake), where float32 FMAs
    bound a decode step from batch 4 up: vpmaddwd multiplies 16-bit integers in pairs and sums each
@@ -880,8 +884,8 @@ GEMM_FMA_ENTRY(gemm_fma_bf16p, FMT_BF16)
 
      y[n] = sum_j d[n,j] * s_b * sum_i q[n,j,i] x16[j,i]  +  m[n,j] * sum_i x[j,i]
 
-   (the minimum's term from the float32 inputs). Only Q4_1 (the layers); the Q8_0 head keeps the FMA
-   kernel. */
+   (the minimum's term from the float32 inputs). Q4_1 panels as pack_panels makes them; Q8_0 ones packed
+   with PANEL_INT16 (the integers as int16, not bfloat16: |sum| < 2^27 per block). */
 #if defined(__AVX512F__)
 #define IBR 8 /* batch rows per tile: IBR float + 2 IBR int32 accumulators + the weights, 32 registers */
 typedef __m512i vint;
@@ -938,17 +942,35 @@ static inline void quantize_rows_i16(const float *x, int64_t B, int64_t K, int16
    calls that copy only where the CPU has VNNI). The same integer sums either way. */
 #define I16_KERNELS(SUFFIX, TARGET, STEP)                                                                       \
     TARGET static inline __attribute__((always_inline)) void i16_tile##SUFFIX(                                  \
-        const uint8_t *P, int64_t r0, const int16_t *x16, const float *sc, const float *xs, int64_t K, int br,    \
-        float *y, int64_t ldy, int64_t nr, const float *bias, const uint8_t *pf) {                               \
-        const int64_t blocks = K / 32;                                                                          \
+        int fmt, const uint8_t *P, int64_t r0, const int16_t *x16, const float *sc, const float *xs, int64_t K,   \
+        int br, float *y, int64_t ldy, int64_t nr, const float *bias, const uint8_t *pf) {                       \
+        const int64_t blocks = K / 32, pbb = panel_block_bytes(fmt);                                            \
         vf acc[IBR];                                                                                            \
         _Pragma("GCC unroll 8") for (int b = 0; b < IBR; b++) acc[b] = (vf){};                                  \
         for (int64_t j = 0; j < blocks; j++) {                                                                  \
-            const uint8_t *pb = P + j * 320;                                                                    \
+            const uint8_t *pb = P + j * pbb;                                                                    \
             if (pf)                                                                                             \
-                for (int64_t l = 0; l < 320; l += 64) __builtin_prefetch(pf + j * 320 + l, 0, 3);               \
+                for (int64_t l = 0; l < pbb; l += 64) __builtin_prefetch(pf + j * pbb + l, 0, 3);               \
             vint a0[IBR], a1[IBR];                                                                              \
             _Pragma("GCC unroll 8") for (int b = 0; b < IBR; b++) a0[b] = a1[b] = ZERO_I();                     \
+            if (fmt == FMT_Q8_0) { /* int16 pairs as stored; even pairs into a0, odd into a1 */                  \
+                _Pragma("GCC unroll 16") for (int pp = 0; pp < 16; pp++) {                                      \
+                    vint w;                                                                                     \
+                    memcpy(&w, pb + 32 + 64 * pp + 4 * r0, sizeof w);                                           \
+                    _Pragma("GCC unroll 8") for (int b = 0; b < IBR; b++) {                                     \
+                        if (b < br) {                                                                           \
+                            int32_t xv;                                                                         \
+                            memcpy(&xv, x16 + b * K + j * 32 + 2 * pp, 4);                                      \
+                            if (pp % 2) a1[b] = STEP(a1[b], w, SET1_32(xv));                                    \
+                            else a0[b] = STEP(a0[b], w, SET1_32(xv));                                           \
+                        }                                                                                       \
+                    }                                                                                           \
+                }                                                                                               \
+                const vf d = ld_fp16s(pb + 2 * r0);                                                             \
+                _Pragma("GCC unroll 8") for (int b = 0; b < IBR; b++)                                           \
+                    if (b < br) acc[b] += I2F(ADD32(a0[b], a1[b])) * (d * sc[b]);                               \
+                continue;                                                                                       \
+            }                                                                                                   \
             _Pragma("GCC unroll 8") for (int pp = 0; pp < 8; pp++) {                                            \
                 const vint v = i16_pairs(pb + 64 + 32 * pp + 2 * r0);                                           \
                 const vint wl = AND16(v, 0x000F), wh = AND16(SRL16(v, 4), 0x000F);                              \
@@ -975,7 +997,7 @@ static inline void quantize_rows_i16(const float *x, int64_t B, int64_t K, int16
             for (int64_t i = 0; i < lanes; i++) y[b * ldy + r0 + i] = acc[b][i] + (bias ? bias[r0 + i] : 0.f);  \
     }                                                                                                           \
     TARGET static inline __attribute__((always_inline)) void gemm_i16_impl##SUFFIX(                             \
-        const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) {       \
+        int fmt, const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) { \
         const int64_t blocks = K / 32, panels = (N + 15) / 16;                                                  \
         int16_t *x16 = aligned_alloc(64, (size_t)(B * K * 2 + 63) / 64 * 64);                                   \
         float *xs = aligned_alloc(64, (size_t)(B * blocks * 4 + 63) / 64 * 64);                                 \
@@ -983,7 +1005,7 @@ static inline void quantize_rows_i16(const float *x, int64_t B, int64_t K, int16
         quantize_rows_i16(x, B, K, x16, sc, xs);                                                                \
         _Pragma("omp for schedule(static)") for (int64_t p = 0; p < panels; p++) {                              \
             const int64_t n0 = p * 16, nr = N - n0 < 16 ? N - n0 : 16;                                          \
-            const uint8_t *P = W + p * blocks * 320;                                                            \
+            const uint8_t *P = W + p * blocks * panel_block_bytes(fmt);                                         \
             const float *pb = bias ? bias + n0 : NULL;                                                          \
             for (int64_t r0 = 0; r0 < nr; r0 += VL)                                                             \
                 for (int64_t b0 = 0; b0 < B; b0 += IBR) {                                                       \
@@ -992,20 +1014,24 @@ static inline void quantize_rows_i16(const float *x, int64_t B, int64_t K, int16
                     const int16_t *xr = x16 + b0 * K;                                                           \
                     float *yr = y + b0 * N + n0;                                                                \
                     /* constant row counts: the tile's loops unroll */                                          \
-                    if (r == IBR) i16_tile##SUFFIX(P, r0, xr, sc + b0, xs + b0 * blocks, K, IBR, yr, N, nr, pb, pf); \
-                    else if (r == 1) i16_tile##SUFFIX(P, r0, xr, sc + b0, xs + b0 * blocks, K, 1, yr, N, nr, pb, pf); \
-                    else if (r == 2) i16_tile##SUFFIX(P, r0, xr, sc + b0, xs + b0 * blocks, K, 2, yr, N, nr, pb, pf); \
-                    else i16_tile##SUFFIX(P, r0, xr, sc + b0, xs + b0 * blocks, K, (int)r, yr, N, nr, pb, pf);   \
+                    if (r == IBR) i16_tile##SUFFIX(fmt, P, r0, xr, sc + b0, xs + b0 * blocks, K, IBR, yr, N, nr, pb, pf); \
+                    else if (r == 1) i16_tile##SUFFIX(fmt, P, r0, xr, sc + b0, xs + b0 * blocks, K, 1, yr, N, nr, pb, pf); \
+                    else if (r == 2) i16_tile##SUFFIX(fmt, P, r0, xr, sc + b0, xs + b0 * blocks, K, 2, yr, N, nr, pb, pf); \
+                    else i16_tile##SUFFIX(fmt, P, r0, xr, sc + b0, xs + b0 * blocks, K, (int)r, yr, N, nr, pb, pf);   \
                 }                                                                                               \
         }                                                                                                       \
         free(x16);                                                                                              \
         free(xs);                                                                                               \
         free(sc);                                                                                               \
     }                                                                                                           \
-    /* y [B, N] = (x [B, K] as int16 rows) @ W^T (+ bias) for Q4_1 W packed by pack_panels */                   \
+    /* y [B, N] = (x [B, K] as int16 rows) @ W^T (+ bias) for W packed by pack_panels (Q8_0: PANEL_INT16) */    \
     TARGET void gemm_i16##SUFFIX##_q4_1p(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, \
                                         int64_t K, int64_t N) {                                                 \
-        _Pragma("omp parallel") gemm_i16_impl##SUFFIX(W, x, y, bias, B, K, N);                                  \
+        _Pragma("omp parallel") gemm_i16_impl##SUFFIX(FMT_Q4_1, W, x, y, bias, B, K, N);                        \
+    }                                                                                                           \
+    TARGET void gemm_i16##SUFFIX##_q8_0p(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, \
+                                        int64_t K, int64_t N) {                                                 \
+        _Pragma("omp parallel") gemm_i16_impl##SUFFIX(FMT_Q8_0, W, x, y, bias, B, K, N);                        \
     }
 
 #define STEP_MADD(a, w, x) ADD32(a, MADD(w, x))
@@ -1214,9 +1240,10 @@ static void gemm_body_q4_1(const uint8_t *W, const float *x, float *y, const flo
     gemm_impl(FMT_Q4_1, W, x, y, b, B, K, N);
 }
 #if defined(__AVX2__)
-static void gemm_i16_body(const uint8_t *W, const float *x, float *y, const float *b, int64_t B, int64_t K,
-                          int64_t N) {
-    gemm_i16_impl(W, x, y, b, B, K, N);
+static void gemm_i16_body(int fmt, const uint8_t *W, const float *x, float *y, const float *b, int64_t B,
+                          int64_t K, int64_t N) {
+    if (fmt == FMT_Q8_0) gemm_i16_impl(FMT_Q8_0, W, x, y, b, B, K, N);
+    else gemm_i16_impl(FMT_Q4_1, W, x, y, b, B, K, N);
 }
 /* not inlined: the caller is built without VNNI, and only runs this where the CPU has it */
 #if defined(__AVX512F__)
@@ -1224,9 +1251,10 @@ __attribute__((target("avx512vnni"), noinline))
 #else
 __attribute__((target("avxvnni"), noinline))
 #endif
-static void gemm_i16v_body(const uint8_t *W, const float *x, float *y, const float *b, int64_t B, int64_t K,
-                           int64_t N) {
-    gemm_i16_implv(W, x, y, b, B, K, N);
+static void gemm_i16v_body(int fmt, const uint8_t *W, const float *x, float *y, const float *b, int64_t B,
+                           int64_t K, int64_t N) {
+    if (fmt == FMT_Q8_0) gemm_i16_implv(FMT_Q8_0, W, x, y, b, B, K, N);
+    else gemm_i16_implv(FMT_Q4_1, W, x, y, b, B, K, N);
 }
 static void gemm_fma_body(int fmt, const uint8_t *W, const float *x, float *y, const float *b, int64_t B, int64_t K,
                           int64_t N) {
@@ -1259,12 +1287,12 @@ static void gemm_any(const int64_t *d, const float *x, float *y, int64_t B, int6
     case FMT_Q4_1: gemm_body_q4_1(W, x, y, bias, B, K, N); break;
     default:
 #if defined(__AVX2__)
-        if (d[0] == I16_FMT + FMT_Q4_1) {
-            gemm_i16_body(W, x, y, bias, B, K, N);
+        if (d[0] >= I16V_FMT) {
+            gemm_i16v_body((int)(d[0] - I16V_FMT), W, x, y, bias, B, K, N);
             break;
         }
-        if (d[0] == I16V_FMT + FMT_Q4_1) {
-            gemm_i16v_body(W, x, y, bias, B, K, N);
+        if (d[0] >= I16_FMT) {
+            gemm_i16_body((int)(d[0] - I16_FMT), W, x, y, bias, B, K, N);
             break;
         }
         if (d[0] >= FMA_FMT) {

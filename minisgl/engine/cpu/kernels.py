@@ -153,8 +153,9 @@ class CpuKernels:
             lib.panel_bytes.restype = _I
             lib.pack_panels.argtypes = [ctypes.c_int, _P, _P, _I, _I]
             lib.pack_panels.restype = None
-            for name in [f"gemm_{kind}_{fmt}" for fmt in PANEL_FORMATS.values()
-                         for kind in ("fma",) + (("dot",) if lib.kernels_have_dot() else ())] + ["gemm_i16_q4_1p", "gemm_i16v_q4_1p"]:
+            kinds = ("fma",) + (("dot",) if lib.kernels_have_dot() else ())
+            names = [f"gemm_{kind}_{fmt}" for fmt in PANEL_FORMATS.values() for kind in kinds]
+            for name in names + [f"gemm_i16{v}_{fmt}" for v in ("", "v") for fmt in I16_FORMATS.values()]:
                 getattr(lib, name).argtypes = [_P, _P, _P, _P, _I, _I, _I]
                 getattr(lib, name).restype = None
         if lib.kernels_vector_bits() != VECTOR_BITS[isa]:
@@ -179,15 +180,17 @@ class CpuKernels:
         self.raw.widen_rows(WEIGHT_FORMATS.index(fmt), weight.data_ptr(), out.data_ptr(), n, k)
         return out
 
-    def pack_panels(self, fmt: str, weight: torch.Tensor, k: int) -> torch.Tensor:
-        """`weight` [n, row bytes] in `fmt` (q4_1, q8_0 or bf16) repacked for the bfloat16 dot kernels
-        (PANEL_FORMATS[fmt]): the same weights, in panels of 16 rows (see cpu_kernels.c)."""
-        if fmt not in PANEL_FORMATS or k % 32 or not self.has_panels:
+    def pack_panels(self, fmt: str, weight: torch.Tensor, k: int, int16: bool = False) -> torch.Tensor:
+        """`weight` [n, row bytes] in `fmt` (q4_1, q8_0 or bf16) repacked for the panel kernels
+        (PANEL_FORMATS[fmt]): the same weights, in panels of 16 rows (see cpu_kernels.c); `int16`: a
+        Q8_0 panel's integers as int16 (for the int16 kernels) instead of bfloat16."""
+        if fmt not in PANEL_FORMATS or k % 32 or not self.has_panels or (int16 and fmt != "q8_0"):
             raise ValueError(f"cannot pack {fmt!r} weights of {k} columns for the panel kernels")
         n = weight.shape[0]
         _check(weight, torch.uint8, (n, weight_row_bytes(fmt, k)))
         out = torch.empty(self.raw.panel_bytes(WEIGHT_FORMATS.index(fmt), n, k), dtype=torch.uint8)
-        self.raw.pack_panels(WEIGHT_FORMATS.index(fmt), weight.data_ptr(), out.data_ptr(), n, k)
+        self.raw.pack_panels(WEIGHT_FORMATS.index(fmt) | (PANEL_INT16 if int16 else 0), weight.data_ptr(),
+                             out.data_ptr(), n, k)
         return out
 
     def gemm_panels(self, fmt: str, packed: torch.Tensor, x: torch.Tensor, out: torch.Tensor, n: int,
@@ -195,14 +198,14 @@ class CpuKernels:
         """out[B, n] = x[B, K] @ W^T (+ bias) for W of `fmt` (q4_1, q8_0, bf16) packed by pack_panels,
         the weights exact, float32 sums. `inputs` (PANEL_INPUTS) is how x enters: f32 as it is (the FMA
         kernels), bf16 rounded to bfloat16 (the dot-product kernels; needs can_dot), i16 as int16 rows
-        with one scale each (q4_1 only)."""
+        with one scale each (q4_1, and q8_0 packed with int16=True)."""
         b, k = x.shape
         if inputs not in PANEL_INPUTS:
             raise ValueError(f"matmul inputs are one of {', '.join(PANEL_INPUTS)}, not {inputs!r}")
         if inputs == "bf16" and not self.can_dot:
             raise ValueError("the bfloat16 dot kernels need the avx512 build on a CPU with AVX512_BF16")
-        if inputs == "i16" and fmt != "q4_1":
-            raise ValueError(f"the int16 kernels read q4_1 panels, not {fmt!r}")
+        if inputs == "i16" and fmt not in I16_FORMATS:
+            raise ValueError(f"the int16 kernels read q4_1 and q8_0 panels, not {fmt!r}")
         if fmt not in PANEL_FORMATS or k % 32 or not self.has_panels:
             raise ValueError(f"no panel kernel for {fmt!r} weights of {k} columns")
         _check(x, torch.float32, (b, k))
@@ -305,6 +308,8 @@ PANEL_FORMATS = {"q4_1": "q4_1p", "q8_0": "q8_0p", "bf16": "bf16p"}
 PANEL_KERNELS = {"f32": "gemm_fma_", "bf16": "gemm_dot_", "i16": "gemm_i16_"}
 PANEL_INPUTS = tuple(PANEL_KERNELS)
 _PANEL_FORMAT_BASE = {"bf16": 4, "f32": 8, "i16": 12}  # DOT_FMT, FMA_FMT, I16_FMT
+I16_FORMATS = {"q4_1": "q4_1p", "q8_0": "q8_0p"}  # the panels the int16 kernels read (q8_0: packed int16)
+PANEL_INT16 = 16  # pack_panels' flag for that
 # the CPU flag each build's VNNI int16 kernel needs
 VNNI_FLAG = {"avx512": "avx512_vnni", "avx2": "avx_vnni"}
 _BLOCK_BYTES = {"f32": 128, "bf16": 64, "q8_0": 34, "q4_1": 20}  # per 32 weights

@@ -21,8 +21,8 @@ The q4_1 / q8_0 / bf16 weights are repacked once into panels of 16 rows (cpu_ker
 widening the weights into a buffer: float32 FMAs (every AVX2 / AVX-512 CPU: float32 inputs, the
 products those of the float32 model), or, at twice the float32 FMA rate (which is what bounds a
 decode step from batch 4 up), dot products on rounded inputs: bfloat16 ones (`vdpbf16ps`) on a CPU
-with AVX512_BF16 (each input rounded as the amx path rounds it), int16 ones (`vpmaddwd`, Q4_1 layers
-only) elsewhere (each input row as int16 with one scale: off by at most 2^-16 of the row's largest).
+with AVX512_BF16 (each input rounded as the amx path rounds it), int16 ones (`vpmaddwd`, or VNNI's
+`vpdpwssd`; the GGUF blocks, the Q8_0 integers then packed as int16) elsewhere (each input row as int16 with one scale: off by at most 2^-16 of the row's largest).
 MINISGL_CPU_DOT=auto|bf16|i16|f32 chooses: auto is bf16 where the CPU has it, else i16, unless the
 model is asked for in exact float32 (dtype float32), which keeps f32; f32 keeps every matmul input
 float32. f32-format weights keep the row kernels (gemm_f32).
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisgl.engine.cpu.kernels import PANEL_FORMATS, CpuKernels, matmul_format_id, weight_row_bytes
+from minisgl.engine.cpu.kernels import I16_FORMATS, PANEL_FORMATS, CpuKernels, matmul_format_id, weight_row_bytes
 
 log = logging.getLogger("minisgl.engine")
 
@@ -56,7 +56,7 @@ MAX_KERNEL_ROWS = int(os.environ.get("MINISGL_CPU_KERNEL_ROWS", "32"))
 WEIGHT_CHOICES = ("auto", "bf16", "f32")
 INPUTS_LOG = {"f32": "; float32 FMA kernels",
               "bf16": "; matmul inputs rounded to bfloat16 for the AVX512_BF16 dot kernels",
-              "i16": "; Q4_1 matmul inputs as int16 rows for the int16 dot kernels (the rest float32 FMA)"}
+              "i16": "; GGUF-block matmul inputs as int16 rows for the int16 dot kernels"}
 DOT_CHOICES = ("auto", "bf16", "i16", "f32")
 
 
@@ -109,12 +109,12 @@ class CpuWeight:
     def to_panels(self, kernels: CpuKernels, inputs: str = "f32") -> CpuWeight:
         """The same weights packed into panels where their format has a panel one, for the kernels of
         `inputs` (f32: the float32 FMA ones; bf16: the dot-product ones; i16: the int16 ones, which
-        read Q4_1 only: other formats keep float32 inputs)."""
+        read Q4_1 and Q8_0: bfloat16 weights keep float32 inputs)."""
         if self.fmt not in PANEL_FORMATS or not kernels.has_panels:
             return self
-        inputs = "f32" if inputs == "i16" and self.fmt != "q4_1" else inputs
-        out = CpuWeight(PANEL_FORMATS[self.fmt], kernels.pack_panels(self.fmt, self.data, self.k), self.n, self.k,
-                        self.bias, self.dense, inputs)
+        inputs = "f32" if inputs == "i16" and self.fmt not in I16_FORMATS else inputs
+        packed = kernels.pack_panels(self.fmt, self.data, self.k, int16=inputs == "i16" and self.fmt == "q8_0")
+        out = CpuWeight(PANEL_FORMATS[self.fmt], packed, self.n, self.k, self.bias, self.dense, inputs)
         out.packed = self.packed
         return out.bind(kernels)
 
