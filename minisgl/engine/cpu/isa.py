@@ -3,9 +3,9 @@
     amx     linears and logits as packed bfloat16 oneDNN matmuls (cpu_linear.py), bfloat16 activations
             between them, the fused kernels around them (cpu_kernels.c built for avx512, else avx2)
     avx512  float32 activations; the linears and logits through the weight-streaming kernels of
-            cpu_kernels.c (GGUF Q4_1 / Q8_0 blocks, bfloat16 or float32 weights widened in registers;
-            where the CPU has AVX512-BF16, the same exact weights through vdpbf16ps dot products on
-            bfloat16-rounded inputs: MINISGL_CPU_DOT, cpu_weights.py) for decode-sized batches, torch's
+            cpu_kernels.c for decode-sized batches (GGUF Q4_1 / Q8_0 blocks or bfloat16 weights, exact,
+            in 16-row panels: float32 FMAs, or dot products on rounded inputs, vdpbf16ps where the CPU
+            has AVX512-BF16, else int16 vpmaddwd / VNNI vpdpwssd: MINISGL_CPU_DOT, weights.py), oneDNN's
             float32 GEMM for prompt chunks; the fused kernels between, a decode step's layers in one call
     avx2    the same, built for AVX2 + FMA (256-bit vectors)
     torch   the model's own float32 torch ops (any CPU, no compiler needed)

@@ -23,9 +23,10 @@ products those of the float32 model), or, at twice the float32 FMA rate (which i
 decode step from batch 4 up), dot products on rounded inputs: bfloat16 ones (`vdpbf16ps`) on a CPU
 with AVX512_BF16 (each input rounded as the amx path rounds it), int16 ones (`vpmaddwd`, or VNNI's
 `vpdpwssd`; the GGUF blocks, the Q8_0 integers then packed as int16) elsewhere (each input row as int16 with one scale: off by at most 2^-16 of the row's largest).
-MINISGL_CPU_DOT=auto|bf16|i16|f32 chooses: auto is bf16 where the CPU has it, else i16, unless the
-model is asked for in exact float32 (dtype float32), which keeps f32; f32 keeps every matmul input
-float32. f32-format weights keep the row kernels (gemm_f32).
+MINISGL_CPU_DOT=auto|bf16|i16|f32 chooses: auto is bf16 where the CPU has it, else i16 where that is
+faster than float32 FMAs (VNNI's vpdpwssd, or the avx2 build; AVX-512 without VNNI keeps f32), unless
+the model is asked for in exact float32 (dtype float32), which keeps f32; f32 keeps every matmul
+input float32. f32-format weights keep the row kernels (gemm_f32).
 Prompt chunks (more than MAX_KERNEL_ROWS rows) go to a float32 GEMM on the model's own weight: oneDNN's,
 with the weight packed once at load (on a 2-core Zen 5, 1.6-2.3x faster than torch's default float32
 matmul from 32 to 512 rows, and ~1.25x faster than these kernels from 16 rows up when one core has the
@@ -287,8 +288,9 @@ def matmul_inputs(kernels: CpuKernels, lossy_bf16: bool, dot: str | None = None)
     if dot == "bf16" and not kernels.can_dot:
         log.warning("MINISGL_CPU_DOT=bf16 asked for, but this CPU or kernel build has no AVX512_BF16: int16 inputs")
         dot = "i16"
-    if dot == "auto":
-        dot = ("bf16" if kernels.can_dot else "i16") if lossy_bf16 else "f32"
+    if dot == "auto":  # int16 only where it beats float32 FMAs: with VNNI, or against 256-bit FMAs
+        fast_i16 = kernels.i16_vnni or kernels.isa == "avx2"
+        dot = "f32" if not lossy_bf16 else "bf16" if kernels.can_dot else "i16" if fast_i16 else "f32"
     return dot if kernels.has_panels else "f32"
 
 
