@@ -588,3 +588,25 @@ class _BothWays(torch.nn.Module):
         whole = self.fused(ids, positions, ctx)
         self.diffs.append((whole - per_op).abs().max().item())
         return whole
+
+
+@pytest.mark.parametrize("isa,can_dot,vnni,lossy,want", [
+    ("avx512", True, True, True, "bf16"),    # Zen 4 / 5, Sapphire Rapids without AMX in use
+    ("avx512", False, True, True, "i16"),    # Ice Lake, Cascade Lake: AVX-512 with VNNI, no BF16
+    ("avx512", False, False, True, "f32"),   # Skylake-SP: int16 without VNNI loses to 512-bit FMAs
+    ("avx2", False, False, True, "i16"),     # Zen 3, older Intel: int16 beats 256-bit FMAs
+    ("avx2", False, True, True, "i16"),      # AVX-VNNI (Alder Lake, Zen 5 in AVX2 mode)
+    ("avx512", True, True, False, "f32"),    # dtype float32: the float32 model's products
+])
+def test_auto_matmul_inputs_follow_the_cpu(isa: str, can_dot: bool, vnni: bool, lossy: bool, want: str) -> None:
+    from types import SimpleNamespace
+
+    from minisgl.engine.cpu.weights import matmul_inputs
+
+    fake = SimpleNamespace(isa=isa, can_dot=can_dot, i16_vnni=vnni, has_panels=True)
+    assert matmul_inputs(fake, lossy, "auto") == want  # type: ignore[arg-type]
+    assert matmul_inputs(fake, lossy, "f32") == "f32"
+    assert matmul_inputs(fake, lossy, "i16") == "i16"
+    assert matmul_inputs(fake, lossy, "bf16") == ("bf16" if can_dot else "i16")  # warned, not crashed
+    with pytest.raises(ValueError, match="MINISGL_CPU_DOT"):
+        matmul_inputs(fake, lossy, "fp8")
