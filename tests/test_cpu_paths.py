@@ -106,17 +106,22 @@ def test_gemm_widens_to_exactly_the_dequantized_weights(kernels: CpuKernels, fmt
     assert torch.equal(out.T, dense_of(fmt, blocks, k))
 
 
+def _panel_case(kernels: CpuKernels, fmt: str, seed: int):  # type: ignore[no-untyped-def]
+    """70 random rows of 96 weights in `fmt` (no multiple of a 16-row panel), their float32 weights,
+    the panels and a bias; the generator goes on to make the inputs."""
+    g = torch.Generator().manual_seed(seed)
+    n, k = 70, 96
+    blocks = random_blocks(fmt, n, k, g)
+    packed = kernels.pack_panels(fmt, torch.from_numpy(blocks.copy()), k)
+    return g, n, k, dense_of(fmt, blocks, k), packed, torch.randn(n, generator=g)
+
+
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "bf16"])
 def test_fma_gemm_matches_float64(kernels: CpuKernels, fmt: str) -> None:
     """The float32 FMA kernels over the panels (every AVX2 / AVX-512 build): float32 inputs, the
     weights exact, float32 sums. Every batch size past the tile (6 rows with AVX-512, 4 with AVX2), a
     row count that is no multiple of the 16-row panel (nor of AVX2's 8-row half), with and without bias."""
-    g = torch.Generator().manual_seed(11)
-    n, k = 70, 96
-    blocks = random_blocks(fmt, n, k, g)
-    w = dense_of(fmt, blocks, k)
-    packed = kernels.pack_panels(fmt, torch.from_numpy(blocks.copy()), k)
-    bias = torch.randn(n, generator=g)
+    g, n, k, w, packed, bias = _panel_case(kernels, fmt, 11)
     for b in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 20):
         x = torch.randn(b, k, generator=g)
         for with_bias in (False, True):
@@ -209,12 +214,7 @@ def dot_kernels(kernels: CpuKernels) -> CpuKernels:
 def test_dot_gemm_matches_float64_on_bf16_inputs(dot_kernels: CpuKernels, fmt: str) -> None:
     """The panel kernels: x rounded to bfloat16, the weights exact, float32 sums. Every batch size
     past the 8-row tile, a row count that is no multiple of the 16-row panel, with and without bias."""
-    g = torch.Generator().manual_seed(9)
-    n, k = 70, 96
-    blocks = random_blocks(fmt, n, k, g)
-    w = dense_of(fmt, blocks, k)
-    packed = dot_kernels.pack_panels(fmt, torch.from_numpy(blocks.copy()), k)
-    bias = torch.randn(n, generator=g)
+    g, n, k, w, packed, bias = _panel_case(dot_kernels, fmt, 9)
     for b in (1, 2, 3, 5, 7, 8, 9, 13, 16, 20):
         x = torch.randn(b, k, generator=g)
         for with_bias in (False, True):

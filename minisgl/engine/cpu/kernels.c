@@ -620,16 +620,17 @@ static inline __attribute__((always_inline)) void gemm_impl(int fmt, const uint8
 
 /* W: N rows of K/32 blocks in the format of the name; x [B, K], y [B, N] float32; bias [N] or NULL.
    K must be a multiple of 32 (checked by the caller). */
-/* One exported entry per format (ctypes looks each up by name), all the same threaded gemm_impl. */
-#define GEMM_ENTRY(name, fmt)                                                                          \
+/* One exported entry per format (ctypes looks each up by name), each a threaded impl (here gemm_impl;
+   the panel kernels below use it too). */
+#define GEMM_ENTRY(name, impl, fmt)                                                                    \
     void name(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K,     \
               int64_t N) {                                                                              \
-        _Pragma("omp parallel") gemm_impl(fmt, W, x, y, bias, B, K, N);                                \
+        _Pragma("omp parallel") impl(fmt, W, x, y, bias, B, K, N);                                     \
     }
-GEMM_ENTRY(gemm_q4_1, FMT_Q4_1)
-GEMM_ENTRY(gemm_q8_0, FMT_Q8_0)
-GEMM_ENTRY(gemm_bf16, FMT_BF16)
-GEMM_ENTRY(gemm_f32, FMT_F32)
+GEMM_ENTRY(gemm_q4_1, gemm_impl, FMT_Q4_1)
+GEMM_ENTRY(gemm_q8_0, gemm_impl, FMT_Q8_0)
+GEMM_ENTRY(gemm_bf16, gemm_impl, FMT_BF16)
+GEMM_ENTRY(gemm_f32, gemm_impl, FMT_F32)
 
 /* The ISA this file was built for, so the loader can check it got the build it asked for. */
 int kernels_vector_bits(void) { return VL * 32; }
@@ -864,14 +865,9 @@ static inline __attribute__((always_inline)) void gemm_fma_impl(int fmt, const u
 }
 
 /* y [B, N] = x [B, K] @ W^T (+ bias), float32 x, for W packed by pack_panels */
-#define GEMM_FMA_ENTRY(name, fmt)                                                                      \
-    void name(const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K,     \
-              int64_t N) {                                                                              \
-        _Pragma("omp parallel") gemm_fma_impl(fmt, W, x, y, bias, B, K, N);                            \
-    }
-GEMM_FMA_ENTRY(gemm_fma_q4_1p, FMT_Q4_1)
-GEMM_FMA_ENTRY(gemm_fma_q8_0p, FMT_Q8_0)
-GEMM_FMA_ENTRY(gemm_fma_bf16p, FMT_BF16)
+GEMM_ENTRY(gemm_fma_q4_1p, gemm_fma_impl, FMT_Q4_1)
+GEMM_ENTRY(gemm_fma_q8_0p, gemm_fma_impl, FMT_Q8_0)
+GEMM_ENTRY(gemm_fma_bf16p, gemm_fma_impl, FMT_BF16)
 
 /* ------------------------------------------------------------------ int16 dot products over the panels
 
