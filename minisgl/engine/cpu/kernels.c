@@ -740,6 +740,33 @@ static inline vu ld_vu(const uint8_t *p) {
 }
 static inline vf u_to_f(vu v) { return __builtin_convertvector((vi)v, vf); }
 
+/* xs [B, K / 32]: the float32 sum of each block of 32 inputs of x [B, K] (Q4_1's m term) */
+static inline void block_sums(const float *x, int64_t B, int64_t K, float *xs) {
+    const int64_t blocks = K / 32;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < blocks; j++) {
+            vf s = (vf){};
+            for (int v = 0; v < NV; v++) s += load_vf(x + b * K + j * 32 + v * VL);
+            xs[b * blocks + j] = hsum(s);
+        }
+}
+
+/* y[b, r0 + lane] = acc[b] (+ bias[r0 + lane]) for b < br and the lanes of rows below nr: a tile's
+   accumulators (one vector lane per output row) written out */
+static inline void store_tile(const vf *acc, int br, float *y, int64_t ldy, int64_t r0, int64_t nr,
+                              const float *bias) {
+    const int64_t lanes = nr - r0 < VL ? nr - r0 : VL;
+    for (int b = 0; b < br; b++) {
+        float *yb = y + b * ldy + r0;
+        if (lanes == VL) {
+            const vf out = bias ? acc[b] + load_vf(bias + r0) : acc[b];
+            memcpy(yb, &out, sizeof out);
+        } else {
+            for (int64_t i = 0; i < lanes; i++) yb[i] = acc[b][i] + (bias ? bias[r0 + i] : 0.f);
+        }
+    }
+}
+
 /* y[b, r0 + lane] for the panel's rows r0 .. r0 + VL (lanes < nr), b < br: panel P times float32 rows
    x [br, K], xs [br, K / 32] their block sums (Q4_1's m term). pf: prefetch the weights ahead, or NULL. */
 static inline __attribute__((always_inline)) void fma_tile(int fmt, const uint8_t *P, int64_t r0, const float *x,
@@ -806,16 +833,7 @@ static inline __attribute__((always_inline)) void fma_tile(int fmt, const uint8_
                 if (b < br) acc[b] += (a0[b] + a1[b]) * d;
         }
     }
-    const int64_t lanes = nr - r0 < VL ? nr - r0 : VL;
-    for (int b = 0; b < br; b++) {
-        float *yb = y + b * ldy + r0;
-        if (bias) acc[b] += lanes == VL ? load_vf(bias + r0) : (vf){};
-        if (lanes == VL) {
-            memcpy(yb, &acc[b], sizeof acc[b]);
-        } else {
-            for (int64_t i = 0; i < lanes; i++) yb[i] = acc[b][i] + (bias ? bias[r0 + i] : 0.f);
-        }
-    }
+    store_tile(acc, br, y, ldy, r0, nr, bias);
 }
 
 static inline __attribute__((always_inline)) void gemm_fma_impl(int fmt, const uint8_t *W, const float *x,
@@ -825,12 +843,7 @@ static inline __attribute__((always_inline)) void gemm_fma_impl(int fmt, const u
     float *xs = NULL;
     if (fmt == FMT_Q4_1) { /* every thread sums the blocks itself (a few microseconds): no barrier */
         xs = aligned_alloc(64, (size_t)(B * blocks * 4 + 63) / 64 * 64);
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t j = 0; j < blocks; j++) {
-                vf s = (vf){};
-                for (int v = 0; v < NV; v++) s += load_vf(x + b * K + j * 32 + v * VL);
-                xs[b * blocks + j] = hsum(s);
-            }
+        block_sums(x, B, K, xs);
     }
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < panels; p++) {
@@ -913,7 +926,6 @@ static inline vint i16_pairs(const uint8_t *p) {
 /* The int16 rows of x (one scale each, sc) and their float32 block sums (xs), as every thread of a
    gemm_i16 call makes them itself (a few microseconds: no barrier). */
 static inline void quantize_rows_i16(const float *x, int64_t B, int64_t K, int16_t *x16, float *sc, float *xs) {
-    const int64_t blocks = K / 32;
     for (int64_t b = 0; b < B; b++) {
         const float *xb = x + b * K;
         float amax = 0.f;
@@ -924,12 +936,8 @@ static inline void quantize_rows_i16(const float *x, int64_t B, int64_t K, int16
             const float q = nearbyintf(xb[i] * inv);
             x16[b * K + i] = (int16_t)(q > 32767.f ? 32767.f : q < -32767.f ? -32767.f : q);
         }
-        for (int64_t j = 0; j < blocks; j++) {
-            vf s = (vf){};
-            for (int v = 0; v < NV; v++) s += load_vf(xb + j * 32 + v * VL);
-            xs[b * blocks + j] = hsum(s);
-        }
     }
+    block_sums(x, B, K, xs);
 }
 
 /* Rows r0 .. r0 + VL of a Q4_1 panel times int16 rows x16 [br, K] (scales sc [br]; xs [br, K / 32] the
@@ -988,9 +996,7 @@ static inline void quantize_rows_i16(const float *x, int64_t B, int64_t K, int16
                 }                                                                                               \
             }                                                                                                   \
         }                                                                                                       \
-        const int64_t lanes = nr - r0 < VL ? nr - r0 : VL;                                                      \
-        for (int b = 0; b < br; b++)                                                                            \
-            for (int64_t i = 0; i < lanes; i++) y[b * ldy + r0 + i] = acc[b][i] + (bias ? bias[r0 + i] : 0.f);  \
+        store_tile(acc, br, y, ldy, r0, nr, bias);                                                              \
     }                                                                                                           \
     TARGET static inline __attribute__((always_inline)) void gemm_i16_impl##SUFFIX(                             \
         int fmt, const uint8_t *W, const float *x, float *y, const float *bias, int64_t B, int64_t K, int64_t N) { \

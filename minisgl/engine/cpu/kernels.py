@@ -221,19 +221,19 @@ class CpuKernels:
         """gemm_panels with bfloat16-rounded inputs (the dot-product kernels)."""
         self.gemm_panels(fmt, packed, x, out, n, bias, inputs="bf16")
 
+    def _panel_family(self, inputs: str) -> tuple[str, int]:
+        """The kernel family for `inputs`: its entry prefix and decode_layers' id base. For i16, the VNNI
+        copy (vpdpwssd, one instruction for vpmaddwd + vpaddd) where the CPU has VNNI."""
+        return _PANEL_FAMILIES["i16v" if inputs == "i16" and self.i16_vnni else inputs]
+
     def panel_kernel(self, inputs: str, panel_fmt: str) -> Any:
-        """The ctypes entry of the panel kernel for `inputs` and a panel format (q4_1p...): for i16, the
-        VNNI build of it (vpdpwssd, one instruction for vpmaddwd + vpaddd) where the CPU has VNNI."""
-        prefix = PANEL_KERNELS[inputs]
-        if inputs == "i16" and self.i16_vnni:
-            prefix = "gemm_i16v_"
-        return getattr(self.raw, prefix + panel_fmt)
+        """The ctypes entry of the panel kernel for `inputs` and a panel format (q4_1p...)."""
+        return getattr(self.raw, self._panel_family(inputs)[0] + panel_fmt)
 
     def panel_format_id(self, inputs: str, panel_fmt: str) -> int:
         """decode_layers' id of that kernel (cpu_kernels.c: DOT_FMT / FMA_FMT / I16_FMT / I16V_FMT + FMT_*)."""
         src = next(f for f, p in PANEL_FORMATS.items() if p == panel_fmt)
-        base = 16 if inputs == "i16" and self.i16_vnni else _PANEL_FORMAT_BASE[inputs]
-        return base + WEIGHT_FORMATS.index(src)
+        return self._panel_family(inputs)[1] + WEIGHT_FORMATS.index(src)
 
     def gemm(self, fmt: str, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, n: int,
              bias: torch.Tensor | None = None) -> None:
@@ -302,12 +302,13 @@ class CpuKernels:
 
 
 WEIGHT_FORMATS = ("f32", "bf16", "q8_0", "q4_1")  # in the order of cpu_kernels.c's FMT_* ids
-# the formats the bfloat16 dot kernels read, by the format they are packed from (pack_panels)
+# the formats the panel kernels read, by the format they are packed from (pack_panels)
 PANEL_FORMATS = {"q4_1": "q4_1p", "q8_0": "q8_0p", "bf16": "bf16p"}
-# how a panel matmul's input enters, and the kernel family for each (cpu_kernels.c)
-PANEL_KERNELS = {"f32": "gemm_fma_", "bf16": "gemm_dot_", "i16": "gemm_i16_"}
-PANEL_INPUTS = tuple(PANEL_KERNELS)
-_PANEL_FORMAT_BASE = {"bf16": 4, "f32": 8, "i16": 12}  # DOT_FMT, FMA_FMT, I16_FMT
+# how a panel matmul's input enters: float32, bfloat16 or int16
+PANEL_INPUTS = ("f32", "bf16", "i16")
+# each kernel family (cpu_kernels.c): its entry prefix, and its id base in decode_layers (FMA_FMT ...)
+_PANEL_FAMILIES = {"f32": ("gemm_fma_", 8), "bf16": ("gemm_dot_", 4), "i16": ("gemm_i16_", 12),
+                   "i16v": ("gemm_i16v_", 16)}
 I16_FORMATS = {"q4_1": "q4_1p", "q8_0": "q8_0p"}  # the panels the int16 kernels read (q8_0: packed int16)
 PANEL_INT16 = 16  # pack_panels' flag for that
 # the CPU flag each build's VNNI int16 kernel needs
